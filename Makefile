@@ -1,0 +1,58 @@
+# lagm_nb: `make reproduce` runs the built-in experiments, `make test` runs every check CI runs.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+EXPERIMENTS := $(sort $(wildcard nbs/experiments/*.ipynb))
+export OMP_NUM_THREADS ?= 2
+
+.PHONY: test reproduce install check-export check-clean nbtest pytest smoke
+
+install: $(STAMP)
+
+# A fresh virtual environment with the package in editable mode. torch is pinned to >=2.2,<2.14 in pyproject.toml:
+# on a machine with a local CPU wheel pip takes it; a CUDA user installs a CUDA build in that range first.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -e ".[dev]" > $(VENV)/pip.log 2>&1 || { tail -40 $(VENV)/pip.log; exit 1; }
+	touch $(STAMP)
+
+# The exported package must be what the notebooks say (never edit lagm_nb/*.py by hand).
+check-export: $(STAMP)
+	$(BIN)/nbdev-export
+	@if [ -n "$$(git status --porcelain -- lagm_nb)" ]; then git status --short -- lagm_nb; git diff --stat -- lagm_nb; \
+	  echo "lagm_nb/ differs from what nbs/ exports: edit the notebook, run nbdev-export, commit both"; exit 1; fi
+
+# Notebooks must be committed clean (nbdev-clean keeps the papermill 'parameters' tags).
+check-clean: $(STAMP)
+	$(BIN)/nbdev-clean
+	@if [ -n "$$(git status --porcelain -- nbs)" ]; then git status --short -- nbs; \
+	  echo "notebooks are not clean: run nbdev-clean and commit"; exit 1; fi
+
+# The checks inside the library notebooks (nbs/experiments is skipped through its .notest file).
+nbtest: $(STAMP)
+	$(BIN)/nbdev-test --n-workers 0 --timing
+
+pytest: $(STAMP)
+	$(BIN)/pytest -q
+
+# Every experiment notebook end to end with its smoke parameters; outputs go to runs/smoke, not figures/.
+smoke: $(STAMP)
+	@mkdir -p runs/smoke
+	@for nb in $(EXPERIMENTS); do \
+	  echo "papermill (smoke) $$nb"; \
+	  $(BIN)/papermill --log-level WARNING "$$nb" "runs/smoke/$$(basename $$nb)" -p profile smoke -p out_dir runs/smoke || exit 1; \
+	done
+
+test: check-export check-clean nbtest pytest smoke
+
+# The main job: the index notebook and every experiment notebook with its default parameters. Figures and tables go
+# to figures/, executed notebooks to runs/ (ignored by git: they are large and the figures carry the results).
+reproduce: $(STAMP)
+	@mkdir -p runs figures
+	$(BIN)/papermill --log-level WARNING nbs/index.ipynb runs/index.ipynb
+	@for nb in $(EXPERIMENTS); do \
+	  echo "papermill $$nb"; \
+	  $(BIN)/papermill --log-level WARNING "$$nb" "runs/$$(basename $$nb)" || exit 1; \
+	done
