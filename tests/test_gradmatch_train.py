@@ -1,0 +1,84 @@
+import pytest
+import torch
+from torch import nn
+
+from lagm_nb.annotator import FPNAnnotator, TeacherLabeller
+from lagm_nb.core import CheckpointError
+from lagm_nb.generators import tiny_generator
+from lagm_nb.gradmatch import GradientMatchingLoss, gradient_distance
+from lagm_nb.segmenters import UNet
+from lagm_nb.train import GMConfig, LabelledImages, train_gradient_matching
+
+
+@pytest.fixture(scope="module")
+def setup():
+    G = tiny_generator()
+    z = G.latents(6, seed=5)
+    return G, LabelledImages(G.sample(z=z)[0], TeacherLabeller(G, 3)(z), 3)
+
+
+def _nets(G, seed=0):
+    torch.manual_seed(seed)
+    return FPNAnnotator(G.feature_shapes, 3, G.image_size, width=8), UNet(3, width=4)
+
+
+def test_conventions_weight_layers_differently():
+    # paper: per-row sum, mean over tensors; authors: per-row mean, divided by all tensors incl. 1-D
+    a = [torch.tensor([[1., 0], [1, 0], [1, 0], [1, 0]]), torch.tensor([[1., 0]]), torch.zeros(3)]
+    b = [torch.tensor([[0., 1], [1, 0], [1, 0], [1, 0]]), torch.tensor([[0., 1]]), torch.ones(3)]
+    assert gradient_distance(a, b, "sum") == pytest.approx((1 + 1) / 2, abs=1e-5)
+    assert gradient_distance(a, b, "mean", n_tensors=3) == pytest.approx((0.25 + 1) / 3, abs=1e-5)
+
+
+def test_head_only_matching_of_unet():
+    gm = GradientMatchingLoss(UNet(3, width=4), "head")
+    assert gm.names == ["up4.conv.double_conv.3.weight", "outc.conv.weight"]
+
+
+def test_small_class_rows_get_gradient(setup):
+    G, lab = setup
+    S = UNet(3, width=4)
+    gm = GradientMatchingLoss(S, r"outc\.conv\.weight")
+    masks = lab.masks.clone(); masks[:, :2, :2] = 2   # a tiny part
+    g = gm.gradients(lab.images, masks)[0]
+    assert (g.flatten(1).norm(dim=1) > 0).all()
+
+
+def test_segmenter_updates_every_k_steps(setup):
+    G, lab = setup
+    A, S = _nets(G)
+    before = [p.detach().clone() for p in S.parameters()]
+    train_gradient_matching(G, A, S, lab, GMConfig(steps=1, segmenter_every=2), progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(before, S.parameters()))
+    train_gradient_matching(G, A, S, lab, GMConfig(steps=2, segmenter_every=2), progress=False)
+    assert not all(torch.equal(a, b) for a, b in zip(before, S.parameters()))
+
+
+def test_segmenter_size_and_head_matching(setup):
+    G, lab = setup
+    A, S = _nets(G)
+    r = train_gradient_matching(G, A, S, lab, GMConfig(steps=2, segmenter_size=16, match="head", log_every=1,
+                                                       annotator_optimizer="adam"), val=lab, progress=False)
+    assert [h["step"] for h in r.history if "gm_loss" in h] == [1, 2]
+    assert "val_miou" in r.history[-1]
+
+
+def test_resume_with_another_architecture_names_the_keys(setup, tmp_path):
+    G, lab = setup
+    A, S = _nets(G)
+    train_gradient_matching(G, A, S, lab, GMConfig(steps=1), out_dir=tmp_path, progress=False)
+    A2 = FPNAnnotator(G.feature_shapes, 3, G.image_size, width=16)
+    with pytest.raises(CheckpointError, match="annotator in .*checkpoint.pt does not fit FPNAnnotator"):
+        train_gradient_matching(G, A2, UNet(3, width=4), lab, GMConfig(steps=2), out_dir=tmp_path, resume=True, progress=False)
+
+
+def test_resume_needs_out_dir(setup):
+    G, lab = setup
+    A, S = _nets(G)
+    with pytest.raises(ValueError, match="out_dir"):
+        train_gradient_matching(G, A, S, lab, GMConfig(steps=1), resume=True, progress=False)
+
+
+def test_images_of_the_wrong_range_are_refused():
+    with pytest.raises(ValueError, match="127.5"):
+        LabelledImages(torch.full((1, 3, 4, 4), 200.), torch.zeros(1, 4, 4, dtype=torch.long), 2)
