@@ -1,0 +1,47 @@
+import pytest
+import torch
+
+from lagm_nb.annotator import FPNAnnotator
+from lagm_nb.downstream import augment, labelled_batches, synthetic_batches, train_segmenter
+from lagm_nb.generators import tiny_generator
+from lagm_nb.segmenters import UNet
+from lagm_nb.train import LabelledImages
+
+
+def test_zoom_out_marks_outside_pixels_ignored():
+    x, y = torch.zeros(4, 3, 16, 16), torch.ones(4, 16, 16, dtype=torch.long)
+    g = torch.Generator().manual_seed(0)
+    _, ya = augment(x, y, g, flip=False, scale=0.0, shift=0.3, jitter=0.0)
+    assert (ya == 255).any() and set(ya.unique().tolist()) <= {1, 255}
+
+
+def test_augment_keeps_images_in_range():
+    x = torch.rand(3, 3, 8, 8) * 2 - 1
+    xa, _ = augment(x, torch.zeros(3, 8, 8, dtype=torch.long), torch.Generator().manual_seed(1), jitter=0.9)
+    assert xa.min() >= -1 and xa.max() <= 1
+
+
+def test_batch_sources_are_reproducible_and_typed():
+    G = tiny_generator()
+    A = FPNAnnotator(G.feature_shapes, 3, G.image_size, width=8)
+    soft, hard = synthetic_batches(G, A, 50, 4, soft=True), synthetic_batches(G, A, 50, 4, soft=False)
+    x1, q = soft(3)
+    x2, y = hard(3)
+    assert torch.equal(x1, x2) and q.shape == (4, 3, 32, 32) and y.dtype == torch.long
+    assert torch.allclose(q.sum(1), torch.ones(4, 32, 32), atol=1e-5) and torch.equal(q.argmax(1), y)
+    data = LabelledImages(G.sample(3, seed=0)[0], torch.zeros(3, 32, 32, dtype=torch.long), 3)
+    src = labelled_batches(data, 5, seed=2)
+    assert torch.equal(src(7)[0], src(7)[0]) and src(7)[0].shape == (5, 3, 32, 32)
+
+
+def test_best_validation_weights_are_restored():
+    G = tiny_generator()
+    data = LabelledImages(G.sample(4, seed=0)[0], torch.randint(0, 3, (4, 32, 32)), 3)
+    run = train_segmenter(UNet(3, width=4), labelled_batches(data, 2), 4, val=data, eval_every=1, progress=False)
+    vals = [r["val_miou"] for r in run.history if "val_miou" in r]
+    assert run.best_val_miou == max(vals) and run.best_step == 1 + vals.index(max(vals))
+
+
+def test_unknown_optimizer():
+    with pytest.raises(ValueError, match="optimizer"):
+        train_segmenter(UNet(3, width=4), lambda t: None, 1, optimizer="lbfgs", progress=False)
