@@ -28,7 +28,8 @@ def test_batch_sources_are_reproducible_and_typed():
     x1, q = soft(3)
     x2, y = hard(3)
     assert torch.equal(x1, x2) and q.shape == (4, 3, 32, 32) and y.dtype == torch.long
-    assert torch.allclose(q.sum(1), torch.ones(4, 32, 32), atol=1e-5) and torch.equal(q.argmax(1), y)
+    assert torch.allclose(q.sum(1), torch.ones(4, 32, 32), atol=2e-3)   # labels are stored as float16
+    assert torch.equal(q.argmax(1), y)
     data = LabelledImages(G.sample(3, seed=0)[0], torch.zeros(3, 32, 32, dtype=torch.long), 3)
     src = labelled_batches(data, 5, seed=2)
     assert torch.equal(src(7)[0], src(7)[0]) and src(7)[0].shape == (5, 3, 32, 32)
