@@ -133,3 +133,19 @@ def test_small_generator_trains_a_step():
     loss.backward()
     assert all(p.grad is not None for n, p in G.named_parameters()), "every G parameter gets a gradient"
     assert G.mapping.w_avg.abs().sum() > 0   # training mode tracks w_avg
+
+
+def test_tf_converted_constructor_arguments_are_accepted():
+    G = Generator(**{**SMALL,
+                     "mapping_kwargs": dict(num_layers=2, embed_features=None, layer_features=None, activation="lrelu",
+                                            lr_multiplier=0.01, w_avg_beta=0.995),
+                     "synthesis_kwargs": dict(channel_base=256, channel_max=16, num_fp16_res=4, conv_clamp=0.25,
+                                              architecture="skip", resample_filter=[1, 3, 3, 1], use_noise=False,
+                                              activation="lrelu")}).eval()
+    assert not any("noise" in k for k in G.state_dict())
+    x = {}
+    G.synthesis.b16.register_forward_hook(lambda m, i, o: x.update(b16=o[0]))   # returns None: output kept
+    assert G(torch.randn(2, 16), force_fp32=True).shape == (2, 3, 32, 32)
+    assert x["b16"].abs().max() <= 0.25
+    with pytest.raises(NotImplementedError, match="only 'skip'"):
+        Generator(**{**SMALL, "synthesis_kwargs": dict(architecture="resnet")})
