@@ -4,7 +4,11 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-EXPERIMENTS := $(sort $(wildcard nbs/experiments/*.ipynb))
+# Experiment notebooks in name order, except that stylegan2_toyfaces runs first: it trains the generator snapshots
+# (lagm_nb/data/toyfaces_gan) that procedural annotates.
+GAN_FIRST := nbs/experiments/stylegan2_toyfaces.ipynb
+EXPERIMENTS := $(filter $(GAN_FIRST),$(wildcard nbs/experiments/*.ipynb)) \
+               $(filter-out $(GAN_FIRST),$(sort $(wildcard nbs/experiments/*.ipynb)))
 export OMP_NUM_THREADS ?= 2
 
 .PHONY: test reproduce install check-export check-clean nbtest pytest smoke fetch labels
