@@ -169,6 +169,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
             'lagm_nb.recipe': { 'lagm_nb.recipe.RecipeConfig': ('recipe.html#recipeconfig', 'lagm_nb/recipe.py'),
                                 'lagm_nb.recipe.RecipeConfig.matching': ('recipe.html#recipeconfig.matching', 'lagm_nb/recipe.py'),
                                 'lagm_nb.recipe.RecipeResult': ('recipe.html#reciperesult', 'lagm_nb/recipe.py'),
+                                'lagm_nb.recipe.default_recipe': ('recipe.html#default_recipe', 'lagm_nb/recipe.py'),
                                 'lagm_nb.recipe.fingerprint': ('recipe.html#fingerprint', 'lagm_nb/recipe.py'),
                                 'lagm_nb.recipe.learn_annotator': ('recipe.html#learn_annotator', 'lagm_nb/recipe.py'),
                                 'lagm_nb.recipe.pseudo_labels': ('recipe.html#pseudo_labels', 'lagm_nb/recipe.py')},

@@ -1,0 +1,73 @@
+import pytest
+import torch
+from torch import nn
+
+from lagm_nb.annotator import FPNAnnotator, TeacherLabeller
+from lagm_nb.generators import tiny_generator
+from lagm_nb.recipe import RECIPES, RecipeConfig, default_recipe, fingerprint, learn_annotator, pseudo_labels
+from lagm_nb.segmenters import UNet
+from lagm_nb.train import GMConfig, LabelledImages
+
+
+def test_recipe_config_splits_into_matching_settings():
+    cfg = RecipeConfig.preset("cpu", steps=7, seed=3)
+    m = cfg.matching()
+    assert isinstance(m, GMConfig) and not isinstance(m, RecipeConfig)
+    assert (m.steps, m.seed, m.match) == (7, 3, "head")
+    assert RecipeConfig.preset("pseudo_label").steps == 0
+    assert set(RECIPES) >= {"paper", "cpu", "pseudo_label"}
+    with pytest.raises(ValueError, match="known presets"): RecipeConfig.preset("gpu")
+
+
+def test_default_recipe_depends_on_device():
+    assert default_recipe("cpu") == RecipeConfig.preset("cpu")
+    assert default_recipe(torch.device("cuda")) == RecipeConfig.preset("paper")
+
+
+def test_fingerprint_sees_every_input():
+    net = nn.Conv2d(2, 3, 1)
+    images, masks = torch.zeros(2, 3, 4, 4), torch.zeros(2, 4, 4, dtype=torch.long)
+    base = fingerprint(net, LabelledImages(images, masks, 3), {"steps": 1})
+    assert base == fingerprint(net, LabelledImages(images, masks, 3), {"steps": 1})
+    masks2 = masks.clone(); masks2[0, 0, 0] = 1
+    assert base != fingerprint(net, LabelledImages(images, masks2, 3), {"steps": 1})
+    assert base != fingerprint(net, LabelledImages(images, masks, 3), {"steps": 2})
+    with torch.no_grad(): net.weight[0, 0] += 1
+    assert base != fingerprint(net, LabelledImages(images, masks, 3), {"steps": 1})
+
+
+def _setup():
+    G = tiny_generator()
+    teacher = TeacherLabeller(G, 3)
+    z = G.latents(12, seed=5)
+    data = LabelledImages(G.sample(z=z)[0], teacher(z), 3)
+    torch.manual_seed(0)
+    return G, data, FPNAnnotator(G.feature_shapes, 3, G.image_size, width=8), UNet(3, width=4)
+
+
+def test_pseudo_labels_are_probabilities():
+    G, data, _, S = _setup()
+    z, q = pseudo_labels(G, S, 5, seed=1)
+    assert z.shape[0] == 5 and q.shape == (5, 3, *G.image_size)
+    assert torch.allclose(q.sum(1), torch.ones(5, *G.image_size), atol=1e-5)
+    assert torch.equal(pseudo_labels(G, S, 5, seed=1)[0], z)
+
+
+def test_learn_annotator_reuses_cached_stages(tmp_path):
+    G, data, A, S = _setup()
+    cfg = RecipeConfig.preset("cpu", pretrain_steps=4, warm_start_images=8, warm_start_steps=3, steps=3,
+                              eval_every=100, seed=2)
+    w0 = A.head[-1].weight.detach().clone()
+    first = learn_annotator(G, A, S, data.subset(range(4)), cfg, cache_dir=tmp_path, progress=False)
+    assert not torch.equal(w0, first.annotator.head[-1].weight)
+    names = sorted(p.name.split("-")[0] for p in tmp_path.iterdir())
+    assert names == ["match", "pretrain", "warm"]
+    _, _, A2, S2 = _setup()
+    again = learn_annotator(G, A2, S2, data.subset(range(4)), cfg, cache_dir=tmp_path, progress=False)
+    assert again.minutes == first.minutes
+    for a, b in zip(first.annotator.state_dict().values(), again.annotator.state_dict().values()):
+        assert torch.equal(a, b)
+    # other labelled images: a new fingerprint, nothing reused
+    _, _, A3, S3 = _setup()
+    learn_annotator(G, A3, S3, data.subset(range(4, 8)), cfg, cache_dir=tmp_path, progress=False)
+    assert len(list(tmp_path.glob("warm-*.pt"))) == 2
