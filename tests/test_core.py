@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lagm_nb.core import CheckpointError, Config, load_checkpoint, save_checkpoint
+from lagm_nb.core import CheckpointError, Config, load_checkpoint, save_checkpoint, write_text_atomic
 
 
 def test_failed_save_keeps_previous_checkpoint(tmp_path):
@@ -21,3 +21,13 @@ def test_checkpoint_without_kind_is_refused(tmp_path):
 def test_config_rejects_unknown_keys():
     with pytest.raises(TypeError, match="valid options"):
         Config.from_dict({"x": 1})
+
+
+def test_write_text_atomic_replaces_the_file_and_leaves_no_temporary(tmp_path):
+    p = tmp_path / "sub" / "manifest.json"
+    write_text_atomic(p, "old")
+    write_text_atomic(p, "new")
+    assert p.read_text() == "new" and [f.name for f in p.parent.iterdir()] == ["manifest.json"]
+    with pytest.raises(TypeError):
+        write_text_atomic(p, None)   # a failed write keeps the old file and removes its temporary
+    assert p.read_text() == "new" and [f.name for f in p.parent.iterdir()] == ["manifest.json"]

@@ -35,6 +35,17 @@ def test_batch_sources_are_reproducible_and_typed():
     assert torch.equal(src(7)[0], src(7)[0]) and src(7)[0].shape == (5, 3, 32, 32)
 
 
+
+def test_temperature_is_a_sharpened_softmax_of_the_annotator_logits():
+    G = tiny_generator()
+    A = FPNAnnotator(G.feature_shapes, 3, G.image_size, width=8)
+    q1, q3 = (synthetic_batches(G, A, 20, 2, temperature=t, progress=False)(5)[1] for t in (1.0, 1 / 3))
+    # softmax(l / T) with T = 1/3 is q1 ** 3, renormalised
+    expected = q1 ** 3 / (q1 ** 3).sum(1, keepdim=True)
+    assert torch.allclose(q3, expected, atol=5e-3)
+    with pytest.raises(ValueError, match="temperature must be positive"):
+        synthetic_batches(G, A, 20, 2, temperature=-1.0)
+
 def test_best_validation_weights_are_restored():
     G = tiny_generator()
     data = LabelledImages(G.sample(4, seed=0)[0], torch.randint(0, 3, (4, 32, 32)), 3)
