@@ -11,7 +11,7 @@ EXPERIMENTS := $(filter $(GAN_FIRST),$(wildcard nbs/experiments/*.ipynb)) \
                $(filter-out $(GAN_FIRST),$(sort $(wildcard nbs/experiments/*.ipynb)))
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: test reproduce install check-export check-clean nbtest pytest smoke fetch labels
+.PHONY: test reproduce install check-export check-clean lint nbtest pytest smoke fetch labels
 
 install: $(STAMP)
 
@@ -56,6 +56,10 @@ check-clean: $(STAMP)
 	@if [ -n "$$(git status --porcelain -- nbs)" ]; then git status --short -- nbs; \
 	  echo "notebooks are not clean: run nbdev-clean and commit"; exit 1; fi
 
+# pyflakes and the 120-character line limit on the exported package (settings in pyproject.toml).
+lint: $(STAMP) check-export
+	$(BIN)/ruff check lagm_nb
+
 # The checks inside the library notebooks (nbs/experiments is skipped through its .notest file).
 nbtest: $(STAMP) fetch
 	$(BIN)/nbdev-test --n-workers 0 --timing
@@ -68,10 +72,11 @@ smoke: $(STAMP) fetch
 	@mkdir -p runs/smoke
 	@for nb in $(EXPERIMENTS); do \
 	  echo "papermill (smoke) $$nb"; \
-	  $(BIN)/papermill --log-level WARNING "$$nb" "runs/smoke/$$(basename $$nb)" -p profile smoke -p out_dir runs/smoke || exit 1; \
+	  $(BIN)/papermill --log-level WARNING "$$nb" "runs/smoke/$$(basename $$nb)" -p profile smoke -p out_dir runs/smoke \
+	    -p store_dir runs/smoke/store -p work_dir runs/smoke/work || exit 1; \
 	done
 
-test: check-export check-clean nbtest pytest smoke
+test: check-export check-clean lint nbtest pytest smoke
 
 # The main job: the index notebook and every experiment notebook with its default parameters. Figures and tables go
 # to figures/, executed notebooks to runs/ (ignored by git: they are large and the figures carry the results).

@@ -1,11 +1,11 @@
-"""lagm_nb.domainfid: Fréchet distance and KID against hand computations, the feature network, save/load, helpers."""
+"""lagm_nb.bench.domainfid: Fréchet distance and KID against hand computations, the feature network, save/load, helpers."""
 import math
 
 import pytest
 import torch
 
 from lagm_nb.core import CheckpointError
-from lagm_nb.domainfid import (DomainFeatureNet, domain_fid, extract_features, fid_from_features, frechet_distance,
+from lagm_nb.bench.domainfid import (DomainFeatureNet, domain_fid, extract_features, fid_from_features, frechet_distance,
                                generate_images, gaussian_fit, kid_from_features, load_feature_net, mmd2_unbiased,
                                part_areas, save_feature_net, sqrtm_psd, train_feature_net)
 from lagm_nb.stylegan2 import Generator

@@ -3,9 +3,9 @@ import torch
 
 from lagm_nb.annotator import FPNAnnotator
 from lagm_nb.downstream import augment, labelled_batches, synthetic_batches, train_segmenter
-from lagm_nb.generators import tiny_generator
+from lagm_nb.testing import tiny_generator
 from lagm_nb.segmenters import UNet
-from lagm_nb.train import LabelledImages
+from lagm_nb.datasets import LabelledImages
 
 
 def test_zoom_out_marks_outside_pixels_ignored():

@@ -1,4 +1,4 @@
-"""lagm_nb.gantrain: real-image sources, config checks, bit-exact resume, snapshots and sample grids, on tiny runs."""
+"""lagm_nb.bench.gantrain: real-image sources, config checks, bit-exact resume, snapshots and sample grids, on tiny runs."""
 import json
 from pathlib import Path
 
@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from lagm_nb.core import CheckpointError, load_checkpoint
-from lagm_nb.gantrain import (GANConfig, disc_images, image_grid, list_snapshots, load_snapshot, real_batches,
+from lagm_nb.bench.gantrain import (GANConfig, disc_images, image_grid, list_snapshots, load_snapshot, real_batches,
                               snapshot_name, train_stylegan2)
 from lagm_nb.stylegan2 import Generator, load_official_state_dict
 

@@ -3,7 +3,8 @@ import torch
 from torch import nn
 
 from lagm_nb.annotator import FPNAnnotator, PixelMLPAnnotator
-from lagm_nb.generators import HookedGenerator, tiny_generator
+from lagm_nb.generators import HookedGenerator
+from lagm_nb.testing import tiny_generator
 
 
 class _TupleBlocks(nn.Module):

@@ -2,12 +2,13 @@ import pytest
 import torch
 from torch import nn
 
-from lagm_nb.annotator import FPNAnnotator, TeacherLabeller
+from lagm_nb.annotator import FPNAnnotator
+from lagm_nb.testing import TeacherLabeller, tiny_generator
 from lagm_nb.core import CheckpointError
-from lagm_nb.generators import tiny_generator
 from lagm_nb.gradmatch import GradientMatchingLoss, gradient_distance
 from lagm_nb.segmenters import UNet
-from lagm_nb.train import GMConfig, LabelledImages, train_gradient_matching
+from lagm_nb.datasets import LabelledImages
+from lagm_nb.train import GMConfig, train_gradient_matching
 
 
 @pytest.fixture(scope="module")

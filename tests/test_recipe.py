@@ -2,11 +2,13 @@ import pytest
 import torch
 from torch import nn
 
-from lagm_nb.annotator import FPNAnnotator, TeacherLabeller
-from lagm_nb.generators import tiny_generator
-from lagm_nb.recipe import RECIPES, RecipeConfig, default_recipe, fingerprint, learn_annotator, pseudo_labels
+from lagm_nb.annotator import FPNAnnotator
+from lagm_nb.core import fingerprint
+from lagm_nb.testing import TeacherLabeller, tiny_generator
+from lagm_nb.recipe import RECIPES, RecipeConfig, default_recipe, learn_annotator, pseudo_labels
 from lagm_nb.segmenters import UNet
-from lagm_nb.train import GMConfig, LabelledImages
+from lagm_nb.datasets import LabelledImages
+from lagm_nb.train import GMConfig
 
 
 def test_recipe_config_splits_into_matching_settings():

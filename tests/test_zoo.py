@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from lagm_nb import zoo
-from lagm_nb.zoo import (FACES64_CLASSES, FACES64_SPLITS, ZooError, face_generator, faces64_dir, faces64_index,
-                         fetch_weights, latents_for_seeds, load_faces64, read_mask)
+from lagm_nb.zoo import ZooError, face_generator, fetch_weights
+from lagm_nb.generators import latents_for_seeds
+from lagm_nb.bench.faces64 import FACES64_CLASSES, FACES64_SPLITS, faces64_dir, faces64_index, load_faces64, read_mask
 
 torch.set_num_threads(1)
 

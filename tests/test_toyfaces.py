@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from lagm_nb.domains import (TOYFACE_CLASSES, TOYFACE_SPLITS, ToyFaceDataset, render_toyfaces, toyface_labelled,
+from lagm_nb.bench.toyfaces import (TOYFACE_CLASSES, TOYFACE_SPLITS, ToyFaceDataset, render_toyfaces, toyface_labelled,
                              toyface_masks, toyface_split)
-from lagm_nb.train import LabelledImages
+from lagm_nb.datasets import LabelledImages
 
 
 @pytest.mark.parametrize("style", ["photo", "render"])
