@@ -56,9 +56,9 @@ check-clean: $(STAMP)
 	@if [ -n "$$(git status --porcelain -- nbs)" ]; then git status --short -- nbs; \
 	  echo "notebooks are not clean: run nbdev-clean and commit"; exit 1; fi
 
-# pyflakes and the 120-character line limit on the exported package (settings in pyproject.toml).
+# pyflakes and the 120-character line limit on the exported package (rules in pyproject.toml; pytest runs it too).
 lint: $(STAMP) check-export
-	$(BIN)/ruff check lagm_nb
+	$(BIN)/pytest -q tests/test_project.py -k ruff
 
 # The checks inside the library notebooks (nbs/experiments is skipped through its .notest file).
 nbtest: $(STAMP) fetch
@@ -76,7 +76,7 @@ smoke: $(STAMP) fetch
 	    -p store_dir runs/smoke/store -p work_dir runs/smoke/work || exit 1; \
 	done
 
-test: check-export check-clean lint nbtest pytest smoke
+test: check-export check-clean nbtest pytest smoke
 
 # The main job: the index notebook and every experiment notebook with its default parameters. Figures and tables go
 # to figures/, executed notebooks to runs/ (ignored by git: they are large and the figures carry the results).

@@ -20,7 +20,8 @@ def check_features(features: Sequence[torch.Tensor], feature_shapes: Sequence[tu
         raise ValueError(f"{who} was built for {len(feature_shapes)} feature maps, got {len(features)}")
     for i, (f, s) in enumerate(zip(features, feature_shapes)):
         if f.ndim != 4 or tuple(f.shape[1:]) != tuple(s):
-            raise ValueError(f"{who}: feature map {i} has shape {tuple(f.shape)}, expected [N, {', '.join(map(str, s))}]; "
+            raise ValueError(f"{who}: feature map {i} has shape {tuple(f.shape)}, "
+                             f"expected [N, {', '.join(map(str, s))}]; "
                              "build the annotator from this generator's feature_shapes")
 
 # %% ../nbs/05_annotator.ipynb #bb1fc2d0
@@ -77,7 +78,8 @@ class PixelMLPAnnotator(nn.Module):
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for m in self.modules():
-                if isinstance(m, nn.Linear): m.weight.copy_(torch.randn(m.weight.shape, generator=g) * 0.02); m.bias.zero_()
+                if isinstance(m, nn.Linear):
+                    m.weight.copy_(torch.randn(m.weight.shape, generator=g) * 0.02); m.bias.zero_()
 
     def pixels(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         "Per-pixel feature vectors [N*H*W, D] in (image, row, column) order."

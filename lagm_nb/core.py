@@ -23,10 +23,12 @@ def default_device(device: str | torch.device | None = None) -> torch.device:
     if device is not None:
         device = torch.device(device)
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError(f"device {device} was asked for but CUDA is not available here; use 'cpu' or leave it unset")
+            raise RuntimeError(f"device {device} was asked for but CUDA is not available here; "
+                               "use 'cpu' or leave it unset")
         return device
     if torch.cuda.is_available(): return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available(): return torch.device("mps")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
     return torch.device("cpu")
 
 # %% ../nbs/00_core.ipynb #0dfef487
@@ -71,7 +73,8 @@ def load_checkpoint(path: str | Path, kind: str, map_location="cpu") -> dict:
                               "delete it and start again, or pass the file that the right run wrote") from e
     found = obj.get("lagm_nb_kind") if isinstance(obj, dict) else None
     if found != kind:
-        raise CheckpointError(f"checkpoint {path} holds a {found!r}, not a {kind!r}; pass the file written by the right run")
+        raise CheckpointError(f"checkpoint {path} holds a {found!r}, not a {kind!r}; "
+                              "pass the file written by the right run")
     return obj
 
 # %% ../nbs/00_core.ipynb #454e6582
@@ -84,8 +87,8 @@ def load_state_dict_checked(module: torch.nn.Module, state_dict: dict, source: s
               if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)]
     if missing or unexpected or shapes:
         def show(xs): return ", ".join(xs[:6]) + (f" (+{len(xs)-6} more)" if len(xs) > 6 else "")
-        parts = [f"{name} keys: {show(xs)}" for name, xs in
-                 [("missing", missing), ("unexpected", unexpected), ("differently shaped (file vs model)", shapes)] if xs]
+        found = [("missing", missing), ("unexpected", unexpected), ("differently shaped (file vs model)", shapes)]
+        parts = [f"{name} keys: {show(xs)}" for name, xs in found if xs]
         raise CheckpointError(f"{source} does not fit {type(module).__name__}: " + "; ".join(parts) +
                               ". Build the model with the configuration that wrote the file.")
     module.load_state_dict(state_dict)
@@ -179,7 +182,8 @@ class RunDir:
         log = self.dir / "log.jsonl"
         if resume and log.exists():
             os.replace(log, self.dir / "log.before-restart.jsonl")
-            print(f"{self.dir}: no checkpoint to resume, starting from scratch (old log kept as log.before-restart.jsonl)")
+            print(f"{self.dir}: no checkpoint to resume, starting from scratch "
+                  "(old log kept as log.before-restart.jsonl)")
 
     def record(self, r: dict):
         "Append a record to the history and, with a folder, to `log.jsonl`."
@@ -203,7 +207,8 @@ def fingerprint(*things) -> str:
             for part in t.__fingerprint__(): add(part)
         elif isinstance(t, torch.Tensor):
             t = t.detach().cpu().contiguous()
-            h.update(str((t.dtype, tuple(t.shape))).encode()); h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            h.update(str((t.dtype, tuple(t.shape))).encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
         elif isinstance(t, nn.Module):
             h.update(type(t).__name__.encode())
             for k, v in t.state_dict().items(): h.update(k.encode()); add(v)

@@ -28,9 +28,11 @@ class LabelledImages:
         if n == 0: raise ValueError("the labelled set is empty: gradient matching needs at least one labelled image")
         name = lambda i: f"sample {i}" + (f" ({self.names[i]})" if self.names else "")
         if self.images.ndim != 4 or self.masks.ndim != 3:
-            raise ValueError(f"images must be [N,3,H,W] and masks [N,H,W]; got {tuple(self.images.shape)} and {tuple(self.masks.shape)}")
+            raise ValueError(f"images must be [N,3,H,W] and masks [N,H,W]; "
+                             f"got {tuple(self.images.shape)} and {tuple(self.masks.shape)}")
         if len(self.masks) != n or (self.names is not None and len(self.names) != n):
-            raise ValueError(f"{n} images but {len(self.masks)} masks" + (f" and {len(self.names)} names" if self.names else ""))
+            names = f" and {len(self.names)} names" if self.names else ""
+            raise ValueError(f"{n} images but {len(self.masks)} masks{names}")
         if self.images.shape[-2:] != self.masks.shape[-2:]:
             raise ValueError(f"images are {tuple(self.images.shape[-2:])} but masks {tuple(self.masks.shape[-2:])} "
                              f"(first: {name(0)}); resize masks with nearest interpolation to the image size")

@@ -58,14 +58,17 @@ def labelled_batches(data: LabelledImages, batch_size: int = 8, augmented: bool 
 @torch.no_grad()
 def synthetic_batches(generator: FeatureGenerator, annotator: nn.Module, n_images: int = 10_000, batch_size: int = 8,
                       soft: bool = True, temperature: float = 1.0, seed: int = 0, progress: bool = True) -> BatchSource:
-    "Batches from a pool of `n_images` generated images, labelled once by `annotator` (soft labels at `temperature`, or hard)."
-    if not temperature > 0: raise ValueError(f"temperature must be positive, not {temperature}; use soft=False for hard labels")
+    """Batches from a pool of `n_images` generated images, labelled once by `annotator` (soft labels at `temperature`,
+    or hard)."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, not {temperature}; use soft=False for hard labels")
     pool = generator.latents(n_images, seed=step_seed(seed, 0, "synthetic pool"))
     annotator = annotator.eval()
     labels = torch.cat([(annotator(generator.sample(z=pool[i:i+32])[1]) / temperature).softmax(1).half().cpu()
                         for i in tqdm(range(0, n_images, 32), disable=not progress, desc="labelling synthetic images")])
     def batch(step: int):
-        idx = torch.randint(0, n_images, (batch_size,), generator=torch.Generator().manual_seed(step_seed(seed, step, "synthetic")))
+        g = torch.Generator().manual_seed(step_seed(seed, step, "synthetic"))
+        idx = torch.randint(0, n_images, (batch_size,), generator=g)
         x, _ = generator.sample(z=pool[idx])
         q = labels[idx].to(x.device).float()
         return x, (q if soft else q.argmax(1))
@@ -117,6 +120,7 @@ def train_segmenter(segmenter: nn.Module, batches: BatchSource, steps: int, *, l
             run.record({"step": t, **{f"val_{k}": v for k, v in s.items()}})
             best = _best_if_better(best, segmenter, t, s["miou"])
         if t % checkpoint_every == 0 or t == steps:
-            run.save({"step": t, "segmenter": segmenter.state_dict(), "optimizer": opt.state_dict(), "best": list(best)})
+            run.save({"step": t, "segmenter": segmenter.state_dict(), "optimizer": opt.state_dict(),
+                      "best": list(best)})
     if best[2] is not None: segmenter.load_state_dict(best[2])
     return SegmenterRun(segmenter.eval(), run.history, best[0], None if best[0] is None else best[1])

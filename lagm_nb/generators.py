@@ -41,7 +41,8 @@ class FeatureGenerator(nn.Module):
         if (n is None) == (z is None): raise ValueError("pass exactly one of `n` (with an optional `seed`) or `z`")
         if z is None: z = self.latents(n, seed)
         elif tuple(z.shape[1:]) != tuple(self.z_shape):
-            raise ValueError(f"latents have shape {tuple(z.shape)}; this generator expects [N, {', '.join(map(str, self.z_shape))}]")
+            raise ValueError(f"latents have shape {tuple(z.shape)}; this generator expects "
+                             f"[N, {', '.join(map(str, self.z_shape))}]")
         with torch.set_grad_enabled(grad):
             images, feats = self.synthesize(z.to(self.device))
         return images.float().clamp(-1, 1), [f.float() for f in feats]
@@ -130,7 +131,8 @@ def init_dcgan_(model: nn.Module, seed: int = 0) -> nn.Module:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)): m.weight.copy_(torch.randn(m.weight.shape, generator=g) * 0.02)
+            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * 0.02)
             elif isinstance(m, nn.BatchNorm2d):
                 m.weight.copy_(1 + torch.randn(m.weight.shape, generator=g) * 0.02); m.bias.zero_()
     return model

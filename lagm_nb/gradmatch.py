@@ -22,7 +22,8 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: 
             raise ValueError(f"soft labels {tuple(target.shape)} must have the logits' shape {tuple(logits.shape)}")
         return -(target * logits.log_softmax(1)).sum(1).mean()
     if target.shape != logits.shape[:1] + logits.shape[2:]:
-        raise ValueError(f"hard labels {tuple(target.shape)} must be [N,H,W] = {tuple(logits.shape[:1] + logits.shape[2:])}")
+        raise ValueError(f"hard labels {tuple(target.shape)} must be [N,H,W] = "
+                         f"{tuple(logits.shape[:1] + logits.shape[2:])}")
     return F.cross_entropy(logits, target.long(), ignore_index=ignore_index)
 
 # %% ../nbs/08_gradmatch.ipynb #ac7958fc
@@ -44,7 +45,8 @@ def gradient_distance(target: Sequence[torch.Tensor], generated: Sequence[torch.
                       n_tensors: int | None = None, eps: float = 1e-6) -> torch.Tensor:
     "Layer-averaged row-wise cosine distance between two lists of gradient tensors; 1-D tensors contribute 0."
     if len(target) != len(generated): raise ValueError(f"{len(target)} target vs {len(generated)} generated gradients")
-    if row_reduction not in ("sum", "mean"): raise ValueError(f"row_reduction must be 'sum' or 'mean', not {row_reduction!r}")
+    if row_reduction not in ("sum", "mean"):
+        raise ValueError(f"row_reduction must be 'sum' or 'mean', not {row_reduction!r}")
     total, matched = 0., 0
     for a, b in zip(target, generated):
         if a.shape != b.shape: raise ValueError(f"gradient shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
@@ -61,7 +63,8 @@ class GradientMatchingLoss:
     "Eq. 11-12 for a segmenter: `gradients(x, y)` on each side, then `loss(target_grads, generated_grads)`."
     def __init__(self, segmenter: nn.Module, match: str | Sequence[str] = "all", convention: str = "paper",
                  eps: float = 1e-6):
-        if convention not in ("paper", "authors"): raise ValueError(f"convention must be 'paper' or 'authors', not {convention!r}")
+        if convention not in ("paper", "authors"):
+            raise ValueError(f"convention must be 'paper' or 'authors', not {convention!r}")
         selected = select_parameters(segmenter, match)
         self.segmenter, self.eps, self.convention = segmenter, eps, convention
         self.names = [n for n, p in selected if p.ndim >= 2]

@@ -91,4 +91,5 @@ def cross_validation_miou(image_names: list[str], per_image_cm: dict[str, torch.
             if v > best_val: best, best_val = ck, v
         picked.append(best)
         results.append(miou(per_image_cm[best][test].sum(0)))
-    return {"miou": 100*float(np.mean(results)), "std": 100*float(np.std(results)), "fold_miou": results, "picked": picked}
+    return {"miou": 100*float(np.mean(results)), "std": 100*float(np.std(results)), "fold_miou": results,
+            "picked": picked}

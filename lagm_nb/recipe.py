@@ -24,15 +24,16 @@ __all__ = ['RECIPES', 'RecipeConfig', 'default_recipe', 'pseudo_labels', 'Recipe
 RECIPES: dict[str, dict] = {
     "paper": {},
     "pseudo_label": dict(pretrain_steps=1000, warm_start_images=400, warm_start_steps=300, steps=0),
-    "cpu": dict(pretrain_steps=1000, warm_start_images=400, warm_start_steps=300, steps=600,
-                match="head", annotator_optimizer="adam", annotator_lr=1e-4, augment_labelled=True, labelled_batch_size=8),
+    "cpu": dict(pretrain_steps=1000, warm_start_images=400, warm_start_steps=300, steps=600, match="head",
+                annotator_optimizer="adam", annotator_lr=1e-4, augment_labelled=True, labelled_batch_size=8),
 }
 
 @dataclasses.dataclass
 class RecipeConfig(GMConfig):
-    "A whole annotator-learning run: `GMConfig` (Algorithm 1) plus segmenter pre-training and a pseudo-label warm start."
+    """A whole annotator-learning run: `GMConfig` (Algorithm 1) plus segmenter pre-training and a pseudo-label warm
+    start."""
     presets: ClassVar[dict[str, dict]] = RECIPES
-    pretrain_steps: int = 0           # supervised steps of the matching segmenter on the labelled images (0: from scratch)
+    pretrain_steps: int = 0           # supervised steps of the matching segmenter on the labelled images (0: none)
     pretrain_batch_size: int = 8
     pretrain_lr: float = 1e-3         # Adam, as the supervised baseline
     warm_start_images: int = 0        # generated images the pre-trained segmenter labels for the warm start (0: none)
@@ -56,7 +57,8 @@ def pseudo_labels(generator: FeatureGenerator, segmenter: nn.Module, n_images: i
     "Latents of `n_images` generated images and `segmenter`'s soft predictions [N, C, H, W] for them."
     z = generator.latents(n_images, seed=step_seed(seed, 0, "pseudo labels"))
     segmenter.eval()
-    q = torch.cat([segmenter(generator.sample(z=z[i:i+batch_size])[0]).softmax(1) for i in range(0, n_images, batch_size)])
+    q = torch.cat([segmenter(generator.sample(z=z[i:i+batch_size])[0]).softmax(1)
+                   for i in range(0, n_images, batch_size)])
     return z, q
 
 # %% ../nbs/11_recipe.ipynb #aebe9649
@@ -97,10 +99,10 @@ def learn_annotator(generator: FeatureGenerator, annotator: nn.Module, segmenter
         minutes, t0 = {"pretrain": 0.0}, time.perf_counter()
         if cfg.pretrain_steps:
             pre_dir = cache / f"pretrain-{key_pre}" if cache else None
-            train_segmenter(segmenter, labelled_batches(labelled, cfg.pretrain_batch_size, seed=cfg.seed, device=device),
-                            cfg.pretrain_steps, lr=cfg.pretrain_lr, val=val, eval_every=max(1, cfg.pretrain_steps // 5),
-                            out_dir=pre_dir, resume=True, seed=cfg.seed, device=device, progress=progress,
-                            desc="pre-training segmenter")
+            batches = labelled_batches(labelled, cfg.pretrain_batch_size, seed=cfg.seed, device=device)
+            train_segmenter(segmenter, batches, cfg.pretrain_steps, lr=cfg.pretrain_lr, val=val,
+                            eval_every=max(1, cfg.pretrain_steps // 5), out_dir=pre_dir, resume=True, seed=cfg.seed,
+                            device=device, progress=progress, desc="pre-training segmenter")
             minutes["pretrain"] = (time.perf_counter() - t0) / 60
             if pre_dir:     # a later recipe that loads this pre-training still reports what it cost
                 record = pre_dir / "minutes.json"
@@ -112,12 +114,13 @@ def learn_annotator(generator: FeatureGenerator, annotator: nn.Module, segmenter
             fit_annotator(generator, annotator, z, q, steps=cfg.warm_start_steps, seed=cfg.seed, progress=progress)
         minutes["warm_start"] = (time.perf_counter() - t0) / 60
         if warm_path:
-            save_checkpoint({"annotator": annotator.state_dict(), "segmenter": segmenter.state_dict(), "minutes": minutes},
-                            warm_path, "recipe_warm_start")
+            save_checkpoint({"annotator": annotator.state_dict(), "segmenter": segmenter.state_dict(),
+                             "minutes": minutes}, warm_path, "recipe_warm_start")
     target = (labelled_batches(labelled, cfg.labelled_batch_size, seed=cfg.seed, device=device)
               if cfg.augment_labelled else labelled)
     match_dir = cache / f"match-{key_match}" if cache else None
-    res = train_gradient_matching(generator, annotator, segmenter, target, cfg.matching(), val=val, annotator_val=annotator_val,
-                                  out_dir=match_dir, resume=match_dir is not None, device=device, progress=progress)
+    res = train_gradient_matching(generator, annotator, segmenter, target, cfg.matching(), val=val,
+                                  annotator_val=annotator_val, out_dir=match_dir, resume=match_dir is not None,
+                                  device=device, progress=progress)
     minutes["match"] = max([r["time"] for r in res.history if "time" in r], default=0.0) / 60
     return RecipeResult(res.annotator.eval(), res.segmenter, res.history, minutes, cfg, match_dir)

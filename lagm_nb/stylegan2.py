@@ -34,7 +34,8 @@ def _check_activation(name: str) -> str:
 
 def bias_act(x: torch.Tensor, b: torch.Tensor | None = None, act: str = "linear", gain: float | None = None,
              clamp: float | None = None) -> torch.Tensor:
-    "x + b (b broadcast over dim 1), then the activation `act`, times `gain` (default: the activation's own gain), clamped to [-clamp, clamp]."
+    """x + b (b broadcast over dim 1), then the activation `act`, times `gain` (default: the activation's own gain),
+    clamped to [-clamp, clamp]."""
     fn, def_gain = _ACTIVATIONS[_check_activation(act)]
     gain = def_gain if gain is None else gain
     if b is not None: x = x + b.reshape([1, -1] + [1] * (x.ndim - 2))
@@ -45,7 +46,8 @@ def bias_act(x: torch.Tensor, b: torch.Tensor | None = None, act: str = "linear"
 
 # %% ../nbs/04_stylegan2.ipynb #c511d68f
 class FullyConnectedLayer(nn.Module):
-    "Fully connected layer with equalized learning rate: stored `weight` [out, in] and `bias` [out] are scaled at run time."
+    """Fully connected layer with equalized learning rate: stored `weight` [out, in] and `bias` [out] are scaled at run
+    time."""
     def __init__(self, in_features: int, out_features: int, bias: bool = True, activation: str = "linear",
                  lr_multiplier: float = 1.0, bias_init: float = 0.0):
         super().__init__()
@@ -74,7 +76,8 @@ def fir_filter(taps=(1, 3, 3, 1)) -> torch.Tensor:
 
 def upfirdn2d(x: torch.Tensor, f: torch.Tensor, up: int = 1, down: int = 1, pad: tuple[int, int] = (0, 0),
               gain: float = 1.0) -> torch.Tensor:
-    "Insert `up`-1 zeros between samples, pad (before, after) on both axes, filter every channel with `f`*`gain`, keep every `down`-th sample."
+    """Insert `up`-1 zeros between samples, pad (before, after) on both axes, filter every channel with `f`*`gain`,
+    keep every `down`-th sample."""
     n, c, h, w = x.shape
     if up > 1:
         x = x.reshape(n, c, h, 1, w, 1)
@@ -93,7 +96,8 @@ def upsample2d(x: torch.Tensor, f: torch.Tensor, up: int = 2) -> torch.Tensor:
 # %% ../nbs/04_stylegan2.ipynb #b5901d4e
 def conv2d_resample(x: torch.Tensor, w: torch.Tensor, f: torch.Tensor | None = None, up: int = 1, down: int = 1,
                     padding: int = 0, groups: int = 1) -> torch.Tensor:
-    "Cross-correlate `x` with `w` [out, in/groups, k, k] at zero padding `padding`, upsampling (up=2) or downsampling (down=2) through FIR filter `f`."
+    """Cross-correlate `x` with `w` [out, in/groups, k, k] at zero padding `padding`, upsampling (up=2) or downsampling
+    (down=2) through FIR filter `f`."""
     if up > 1 and down > 1: raise ValueError("conv2d_resample does either up or down sampling, not both")
     out_ch, in_per_group, kh, kw = w.shape
     if up > 1:
@@ -113,7 +117,8 @@ def conv2d_resample(x: torch.Tensor, w: torch.Tensor, f: torch.Tensor | None = N
 def modulated_conv2d(x: torch.Tensor, weight: torch.Tensor, styles: torch.Tensor, noise: torch.Tensor | None = None,
                      up: int = 1, padding: int = 0, resample_filter: torch.Tensor | None = None,
                      demodulate: bool = True, fused: bool = True) -> torch.Tensor:
-    "Convolve each sample of `x` [N,C_in,H,W] with `weight` [C_out,C_in,k,k] scaled by its `styles` [N,C_in] (and demodulated), then add `noise`."
+    """Convolve each sample of `x` [N,C_in,H,W] with `weight` [C_out,C_in,k,k] scaled by its `styles` [N,C_in] (and
+    demodulated), then add `noise`."""
     n, c_in = x.shape[:2]
     c_out, _, kh, kw = weight.shape
     if styles.shape != (n, c_in):
@@ -176,7 +181,8 @@ class MappingNetwork(nn.Module):
 NOISE_MODES = ("const", "random", "none")
 
 class SynthesisLayer(nn.Module):
-    "Modulated (demodulated) conv with per-input-channel styles from w, optional 2x upsampling, noise, bias and leaky ReLU."
+    """Modulated (demodulated) conv with per-input-channel styles from w, optional 2x upsampling, noise, bias and leaky
+    ReLU."""
     def __init__(self, in_channels: int, out_channels: int, w_dim: int, resolution: int, kernel_size: int = 3,
                  up: int = 1, use_noise: bool = True, activation: str = "lrelu", resample_filter=(1, 3, 3, 1),
                  conv_clamp: float | None = None):
@@ -192,7 +198,8 @@ class SynthesisLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, w: torch.Tensor, noise_mode: str = "const", fused: bool | None = None,
                 gain: float = 1) -> torch.Tensor:
-        if noise_mode not in NOISE_MODES: raise ValueError(f"noise_mode must be one of {NOISE_MODES}, got {noise_mode!r}")
+        if noise_mode not in NOISE_MODES:
+            raise ValueError(f"noise_mode must be one of {NOISE_MODES}, got {noise_mode!r}")
         styles = self.affine(w)
         noise = None
         if self.use_noise and noise_mode == "random":
@@ -227,7 +234,8 @@ class ToRGBLayer(nn.Module):
 
 # %% ../nbs/04_stylegan2.ipynb #99ce7818
 class SynthesisBlock(nn.Module):
-    "One resolution of the synthesis network: (const or conv0 with 2x up) -> conv1 -> ToRGB added to the upsampled image."
+    """One resolution of the synthesis network: (const or conv0 with 2x up) -> conv1 -> ToRGB added to the upsampled
+    image."""
     def __init__(self, in_channels: int, out_channels: int, w_dim: int, resolution: int, img_channels: int,
                  is_last: bool, architecture: str = "skip", resample_filter=(1, 3, 3, 1), conv_clamp=None,
                  **layer_kwargs):
@@ -293,7 +301,8 @@ class SynthesisNetwork(nn.Module):
 
 # %% ../nbs/04_stylegan2.ipynb #fe7ef513
 class Generator(nn.Module):
-    "StyleGAN2 generator with NVIDIA stylegan2-ada-pytorch's names and numerics: `G(z, c)` -> images [N, img_channels, R, R]."
+    """StyleGAN2 generator with NVIDIA stylegan2-ada-pytorch's names and numerics: `G(z, c)` -> images [N,
+    img_channels, R, R]."""
     def __init__(self, z_dim: int, c_dim: int, w_dim: int, img_resolution: int, img_channels: int,
                  mapping_kwargs: dict | None = None, synthesis_kwargs: dict | None = None):
         super().__init__()
@@ -301,7 +310,8 @@ class Generator(nn.Module):
         self.init_kwargs = dict(z_dim=z_dim, c_dim=c_dim, w_dim=w_dim, img_resolution=img_resolution,
                                 img_channels=img_channels, mapping_kwargs=dict(mapping_kwargs),
                                 synthesis_kwargs=dict(synthesis_kwargs))
-        if c_dim: raise NotImplementedError(f"c_dim={c_dim}: class-conditional generation is not implemented; use c_dim=0")
+        if c_dim:
+            raise NotImplementedError(f"c_dim={c_dim}: class-conditional generation is not implemented; use c_dim=0")
         self.z_dim, self.c_dim, self.w_dim = z_dim, c_dim, w_dim
         self.img_resolution, self.img_channels = img_resolution, img_channels
         self.synthesis = SynthesisNetwork(w_dim, img_resolution, img_channels, **synthesis_kwargs)
@@ -315,9 +325,9 @@ class Generator(nn.Module):
 
 # %% ../nbs/04_stylegan2.ipynb #4098dde1
 def load_official_state_dict(G: Generator | None, path_or_dict, source: str | None = None, **config) -> Generator:
-    """Fill `G` (or a new `Generator`) from a saved `{'config', 'state_dict'}` dict or a plain state dict (file or dict).
-
-    Without `G`, the generator is built from `config` keyword arguments, else from the file's `config`. Returns it in eval mode."""
+    """Fill `G` (or a new `Generator`) from a saved `{'config', 'state_dict'}` dict or a plain state dict (file or
+    dict). Without `G`, the generator is built from `config` keyword arguments, else from the file's `config`.
+    Returns it in eval mode."""
     if isinstance(path_or_dict, (str, Path)):
         source = source or str(path_or_dict)
         try: data = torch.load(path_or_dict, map_location="cpu", weights_only=True)
@@ -351,7 +361,8 @@ class Conv2dLayer(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
 
     def forward(self, x: torch.Tensor, gain: float = 1) -> torch.Tensor:
-        x = conv2d_resample(x, self.weight * self.weight_gain, self.resample_filter, down=self.down, padding=self.padding)
+        x = conv2d_resample(x, self.weight * self.weight_gain, self.resample_filter, down=self.down,
+                            padding=self.padding)
         act_gain = _ACTIVATIONS[self.activation][1] * gain
         clamp = None if self.conv_clamp is None else self.conv_clamp * gain
         return bias_act(x, self.bias, self.activation, act_gain, clamp)
@@ -376,7 +387,8 @@ class DiscriminatorBlock(nn.Module):
 
 # %% ../nbs/04_stylegan2.ipynb #a7a82e4f
 class MinibatchStdLayer(nn.Module):
-    "Append `num_channels` channels holding the within-group standard deviation of the features (groups of `group_size` samples)."
+    """Append `num_channels` channels holding the within-group standard deviation of the features (groups of
+    `group_size` samples)."""
     def __init__(self, group_size: int | None = 4, num_channels: int = 1):
         super().__init__()
         self.group_size, self.num_channels = group_size, num_channels
@@ -413,15 +425,18 @@ class DiscriminatorEpilogue(nn.Module):
         return self.out(self.fc(self.conv(x).flatten(1)))
 
 class Discriminator(nn.Module):
-    "StyleGAN2 residual discriminator: images [N, img_channels, R, R] -> logits [N, 1]; blocks `b{R}` ... `b8`, head `b4`."
+    """StyleGAN2 residual discriminator: images [N, img_channels, R, R] -> logits [N, 1]; blocks `b{R}` ... `b8`, head
+    `b4`."""
     def __init__(self, c_dim: int, img_resolution: int, img_channels: int, architecture: str = "resnet",
                  channel_base: int = 32768, channel_max: int = 512, num_fp16_res: int = 0, conv_clamp=None,
                  cmap_dim=None, block_kwargs: dict | None = None, mapping_kwargs: dict | None = None,
                  epilogue_kwargs: dict | None = None):
         super().__init__()
-        if c_dim: raise NotImplementedError(f"c_dim={c_dim}: the conditional discriminator is not implemented; use c_dim=0")
+        if c_dim:
+            raise NotImplementedError(f"c_dim={c_dim}: the conditional discriminator is not implemented; use c_dim=0")
         if architecture != "resnet":
-            raise NotImplementedError(f"discriminator architecture {architecture!r} is not implemented; only 'resnet' is")
+            raise NotImplementedError(f"discriminator architecture {architecture!r} is not implemented; "
+                                      "only 'resnet' is")
         if img_resolution < 8 or img_resolution & (img_resolution - 1):
             raise ValueError(f"img_resolution must be a power of two >= 8, got {img_resolution}")
         self.c_dim, self.img_resolution, self.img_channels = c_dim, img_resolution, img_channels
@@ -463,7 +478,8 @@ def d_logistic_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> tor
 def r1_penalty(real_logits: torch.Tensor, real_img: torch.Tensor) -> torch.Tensor:
     "Per-sample squared norm of d(sum of logits)/d(real_img) [N], differentiable; `real_img` must require grad."
     if not real_img.requires_grad:
-        raise ValueError("real_img must require grad before the discriminator runs: real_img.detach().requires_grad_(True)")
+        raise ValueError("real_img must require grad before the discriminator runs: "
+                         "real_img.detach().requires_grad_(True)")
     (grad,) = torch.autograd.grad(real_logits.sum(), real_img, create_graph=True)
     return grad.square().flatten(1).sum(dim=1)
 
@@ -471,7 +487,8 @@ def r1_penalty(real_logits: torch.Tensor, real_img: torch.Tensor) -> torch.Tenso
 def ema_update(G_ema: nn.Module, G: nn.Module, beta: float) -> nn.Module:
     "Move every parameter of `G_ema` to beta*ema + (1-beta)*G; copy the buffers."
     p_ema, p = dict(G_ema.named_parameters()), dict(G.named_parameters())
-    if p_ema.keys() != p.keys(): raise ValueError("G_ema and G have different parameters; build G_ema as copy.deepcopy(G)")
+    if p_ema.keys() != p.keys():
+        raise ValueError("G_ema and G have different parameters; build G_ema as copy.deepcopy(G)")
     for name, value in p.items(): p_ema[name].copy_(value.detach().lerp(p_ema[name], beta))
     b_ema = dict(G_ema.named_buffers())
     for name, value in G.named_buffers(): b_ema[name].copy_(value)

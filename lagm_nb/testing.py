@@ -29,7 +29,8 @@ def tiny_generator(z_dim: int = 16, width: int = 8, n_up: int = 3, seed: int = 0
 # %% ../nbs/06_testing.ipynb #8219901b
 class TeacherLabeller:
     "Exact synthetic part labels for generated images: a random FPN score map cut at fixed quantiles."
-    def __init__(self, generator, n_classes: int, seed: int = 0, width: int = 8, n_reference: int = 16, n_maps: int | None = None):
+    def __init__(self, generator, n_classes: int, seed: int = 0, width: int = 8, n_reference: int = 16,
+                 n_maps: int | None = None):
         torch.manual_seed(seed)
         self.generator, self.n_classes = generator, n_classes
         self.maps = sorted(range(len(generator.feature_shapes)), key=lambda i: generator.feature_shapes[i][1])[:n_maps]

@@ -71,12 +71,14 @@ def evaluate_annotator(generator: FeatureGenerator, annotator: nn.Module, z: tor
 def labelled_batch(labelled: LabelledImages | BatchSource, config: GMConfig, step: int, device) -> tuple:
     "Algorithm 1, line 2: the labelled batch of `step`, drawn from a `LabelledImages` set or from a batch source."
     if callable(labelled): return tuple(v.to(device) for v in labelled(step))
-    pick = torch.randperm(len(labelled), generator=torch.Generator().manual_seed(step_seed(config.seed, step, "labelled")))
+    g = torch.Generator().manual_seed(step_seed(config.seed, step, "labelled"))
+    pick = torch.randperm(len(labelled), generator=g)
     pick = pick[:config.labelled_batch_size]
     return labelled.images[pick].to(device), labelled.masks[pick].to(device)
 
 def annotate(annotator: nn.Module, features: list[torch.Tensor], graph: bool) -> torch.Tensor:
-    "Soft labels A_w(h): train mode with the graph for matching (line 4), eval mode without it for the segmenter (line 9)."
+    """Soft labels A_w(h): train mode with the graph for matching (line 4), eval mode without it for the segmenter
+    (line 9)."""
     annotator.train(graph)
     with torch.set_grad_enabled(graph): q = annotator(features).softmax(1)
     annotator.train()
@@ -150,25 +152,32 @@ def train_gradient_matching(generator: FeatureGenerator, annotator: nn.Module, s
     gm = GradientMatchingLoss(segmenter, cfg.match, cfg.convention)
     opt_a = make_optimizer(annotator.parameters(), cfg.annotator_optimizer, cfg.annotator_lr, cfg.annotator_momentum)
     opt_s = make_optimizer(segmenter.parameters(), "sgd", cfg.segmenter_lr, cfg.segmenter_momentum)
-    data = {"generator": fingerprint(generator), "labelled": "batch source" if callable(labelled) else fingerprint(labelled)}
+    data = {"generator": fingerprint(generator),
+            "labelled": "batch source" if callable(labelled) else fingerprint(labelled)}
     run = RunDir(out_dir, "gm_run", {**cfg.to_dict(), **data}, _RESTARTABLE)
     state, start = run.start(resume, overwrite, map_location=device), 0
     if state:
         for net, key in [(annotator, "annotator"), (segmenter, "segmenter")]:
             load_state_dict_checked(net, state[key], f"{key} in {run.checkpoints[0]}")
-        opt_a.load_state_dict(state["opt_annotator"]); opt_s.load_state_dict(state["opt_segmenter"]); start = state["step"]
+        opt_a.load_state_dict(state["opt_annotator"]); opt_s.load_state_dict(state["opt_segmenter"])
+        start = state["step"]
     elapsed0, t0 = max([r["time"] for r in run.history if "time" in r], default=0.0), time.perf_counter()
-    bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, disable=not progress, desc="gradient matching")
+    bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, disable=not progress,
+               desc="gradient matching")
     for t in bar:                                                                    # line 1
         torch.manual_seed(step_seed(cfg.seed, t, "torch"))
         loss = annotator_step(gm, generator, annotator, opt_a, labelled, cfg, t, device)           # lines 2-7
-        seg_loss = segmenter_step(generator, annotator, segmenter, opt_s, cfg, t) if t % cfg.segmenter_every == 0 else None
+        seg_loss = None
+        if t % cfg.segmenter_every == 0:                                                          # lines 8-12
+            seg_loss = segmenter_step(generator, annotator, segmenter, opt_s, cfg, t)
         elapsed = elapsed0 + time.perf_counter() - t0
         if t % cfg.log_every == 0 or t == cfg.steps:
-            run.record({"step": t, "gm_loss": loss.item(), "seg_loss": None if seg_loss is None else seg_loss.item(), "time": elapsed})
+            run.record({"step": t, "gm_loss": loss.item(), "seg_loss": None if seg_loss is None else seg_loss.item(),
+                        "time": elapsed})
             bar.set_postfix(gm_loss=f"{loss.item():.3f}")
         if (t % cfg.eval_every == 0 or t == cfg.steps) and (val is not None or annotator_val is not None):
-            run.record({"step": t, "time": elapsed, **evaluate_run(generator, annotator, segmenter, cfg, val, annotator_val)})
+            scored = evaluate_run(generator, annotator, segmenter, cfg, val, annotator_val)
+            run.record({"step": t, "time": elapsed, **scored})
         if t % cfg.checkpoint_every == 0 or t == cfg.steps:
             run.save({"step": t, "annotator": annotator.state_dict(), "segmenter": segmenter.state_dict(),
                       "opt_annotator": opt_a.state_dict(), "opt_segmenter": opt_s.state_dict()})

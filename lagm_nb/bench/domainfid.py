@@ -6,7 +6,6 @@ no download; its numbers are not comparable with the Inception FID of the litera
 
 # %% ../../nbs/bench/02_domainfid.ipynb #7fd8b748
 from __future__ import annotations
-import math
 from collections.abc import Callable
 from pathlib import Path
 import torch
@@ -70,10 +69,12 @@ def kid_from_features(f1: torch.Tensor, f2: torch.Tensor, n_subsets: int = 100, 
 
 # %% ../../nbs/bench/02_domainfid.ipynb #d855fba4
 def _block(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.GroupNorm(min(8, cout), cout), nn.ReLU(inplace=True))
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.GroupNorm(min(8, cout), cout),
+                         nn.ReLU(inplace=True))
 
 class DomainFeatureNet(nn.Module):
-    "Small CNN for domain FID: segmentation logits, part-area logits and pooled features [N, 11*width] of images in [-1, 1]."
+    """Small CNN for domain FID: segmentation logits, part-area logits and pooled features [N, 11*width] of images in
+    [-1, 1]."""
     def __init__(self, n_classes: int, width: int = 16, resolution: int = 64, in_channels: int = 3):
         super().__init__()
         self.init_kwargs = dict(n_classes=n_classes, width=width, resolution=resolution, in_channels=in_channels)
@@ -109,7 +110,8 @@ class DomainFeatureNet(nn.Module):
         return seg, self.area_head(c3.mean((2, 3))), torch.cat([m.mean((2, 3)) for m in maps], 1)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        "Average-pooled features of the stem and the three stages, concatenated [N, 11*width]: what domain FID compares."
+        """Average-pooled features of the stem and the three stages, concatenated [N, 11*width]: what domain FID
+        compares."""
         return torch.cat([m.mean((2, 3)) for m in self._maps(x)], 1)
 
 # %% ../../nbs/bench/02_domainfid.ipynb #728c6b25
@@ -122,7 +124,8 @@ def train_feature_net(images: torch.Tensor, masks: torch.Tensor, n_classes: int,
                       progress: bool = True) -> DomainFeatureNet:
     "Train a `DomainFeatureNet` on images [N,3,R,R] in [-1,1] and their part masks [N,R,R]; returns it in eval mode."
     if images.ndim != 4 or masks.shape != (images.shape[0], *images.shape[2:]):
-        raise ValueError(f"images must be [N,C,R,R] and masks [N,R,R]; got {tuple(images.shape)} and {tuple(masks.shape)}")
+        raise ValueError(f"images must be [N,C,R,R] and masks [N,R,R]; "
+                         f"got {tuple(images.shape)} and {tuple(masks.shape)}")
     if images.shape[2] != images.shape[3]: raise ValueError(f"images must be square, got {tuple(images.shape[2:])}")
     if images.abs().max() > 1 + 1e-3: raise ValueError("images must lie in [-1, 1] (from [0, 255] use x / 127.5 - 1)")
     if masks.min() < 0 or masks.max() >= n_classes: raise ValueError(f"mask values must lie in [0, {n_classes})")
@@ -156,8 +159,10 @@ def load_feature_net(path: str | Path, device=None) -> DomainFeatureNet:
 
 # %% ../../nbs/bench/02_domainfid.ipynb #169b1848
 @torch.no_grad()
-def extract_features(extractor: nn.Module | Callable, images: torch.Tensor, batch_size: int = 256, device=None) -> torch.Tensor:
-    "Features [N, D] (CPU, float32) of images [N,C,H,W] (float in [-1,1] or uint8) from `extractor` (`.features` if it has one)."
+def extract_features(extractor: nn.Module | Callable, images: torch.Tensor, batch_size: int = 256,
+                     device=None) -> torch.Tensor:
+    """Features [N, D] (CPU, float32) of images [N,C,H,W] (float in [-1,1] or uint8) from `extractor` (`.features` if
+    it has one)."""
     if isinstance(extractor, nn.Module): extractor.eval()
     fn = extractor.features if hasattr(extractor, "features") else extractor
     device = device or (next(extractor.parameters()).device if isinstance(extractor, nn.Module) else default_device())
@@ -176,7 +181,8 @@ def generate_images(G: nn.Module, n: int, seed: int = 0, batch_size: int = 64, t
     was_training = G.training
     G.eval()
     z = torch.randn(n, G.z_dim, generator=torch.Generator().manual_seed(seed))
-    try: imgs = [G(z[i:i + batch_size].to(device), truncation_psi=truncation_psi, noise_mode=noise_mode).clamp(-1, 1).cpu()
+    try: imgs = [G(z[i:i + batch_size].to(device), truncation_psi=truncation_psi,
+                   noise_mode=noise_mode).clamp(-1, 1).cpu()
                  for i in range(0, n, batch_size)]
     finally: G.train(was_training)
     return torch.cat(imgs)

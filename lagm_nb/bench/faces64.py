@@ -78,4 +78,5 @@ def faces64_benchmark(n_val: int | None = None, n_test: int | None = None, devic
     return Benchmark("faces64", FACES64_CLASSES, FACES64_COLORS, pools={"celeba": pool, "digiface": pool_foreign},
                      vals={"celeba": val, "digiface": val_foreign}, test=test, generators=generator,
                      generator_names=["celeba"], sources={"": "celeba", "foreign": "digiface"},
-                     pool_latents={"celeba": z_pool}, annotator_val=(z_val, val.masks), annotator_test=(z_test, test.masks))
+                     pool_latents={"celeba": z_pool}, annotator_val=(z_val, val.masks),
+                     annotator_test=(z_test, test.masks))

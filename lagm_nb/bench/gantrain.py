@@ -5,7 +5,7 @@ horizontal flips, with per-step seeds, atomic resumable checkpoints, frozen gene
 
 # %% ../../nbs/bench/01_gantrain.ipynb #5d2f4dc7
 from __future__ import annotations
-import copy, dataclasses, hashlib, json, math, time
+import copy, dataclasses, json, math, time
 from collections.abc import Callable
 from pathlib import Path
 import numpy as np
@@ -54,19 +54,23 @@ class GANConfig(Config):
         self.keep_snapshots = tuple(int(s) for s in self.keep_snapshots)
         r = self.resolution
         if r < 8 or r & (r - 1): raise ValueError(f"resolution must be a power of two >= 8, got {r}")
-        if self.channel_base < r: raise ValueError(f"channel_base={self.channel_base} gives no channels at {r} px; use >= {r}")
+        if self.channel_base < r:
+            raise ValueError(f"channel_base={self.channel_base} gives no channels at {r} px; use >= {r}")
         for name in ("batch_size", "steps", "snapshot_every", "sample_every", "log_every", "mapping_layers"):
             if getattr(self, name) < 1: raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.r1_interval < 0: raise ValueError(f"r1_interval must be >= 0 (0 switches R1 off), got {self.r1_interval}")
+        if self.r1_interval < 0:
+            raise ValueError(f"r1_interval must be >= 0 (0 switches R1 off), got {self.r1_interval}")
         if self.batch_size % min(self.mbstd_group_size, self.batch_size):
-            raise ValueError(f"batch_size={self.batch_size} is not a multiple of mbstd_group_size={self.mbstd_group_size}")
+            raise ValueError(f"batch_size={self.batch_size} is not a multiple of "
+                             f"mbstd_group_size={self.mbstd_group_size}")
         if not 0 <= self.xflip <= 1: raise ValueError(f"xflip is a probability, got {self.xflip}")
         bad = [s for s in self.keep_snapshots if not 1 <= s <= self.steps]
         if bad: raise ValueError(f"keep_snapshots {bad} lie outside steps 1..{self.steps}")
         names = [snapshot_name(s, self.batch_size) for s in sorted(set(self.keep_snapshots) | {self.steps})]
         if len(set(names)) < len(names):
             raise ValueError(f"keep_snapshots {self.keep_snapshots} give the same file name twice ({names}): snapshots "
-                             f"are named by thousands of images; keep steps at least {math.ceil(1000 / self.batch_size)} apart")
+                             f"are named by thousands of images; keep steps at least "
+                             f"{math.ceil(1000 / self.batch_size)} apart")
 
     @property
     def generator_kwargs(self) -> dict:
@@ -88,7 +92,8 @@ def snapshot_name(step: int, batch_size: int) -> str:
 
 # %% ../../nbs/bench/01_gantrain.ipynb #51a2c7a6
 def _as_float_images(x: torch.Tensor, cfg: GANConfig, what: str, whole_set: bool = False) -> torch.Tensor:
-    "Check images against the config and return float32 in [-1, 1]; `whole_set` also refuses a set that looks like [0, 1]."
+    """Check images against the config and return float32 in [-1, 1]; `whole_set` also refuses a set that looks like
+    [0, 1]."""
     if not isinstance(x, torch.Tensor): raise TypeError(f"{what} must be a tensor, got {type(x).__name__}")
     want = (cfg.img_channels, cfg.resolution, cfg.resolution)
     if x.ndim != 4 or tuple(x.shape[1:]) != want:
@@ -108,14 +113,16 @@ def _as_float_images(x: torch.Tensor, cfg: GANConfig, what: str, whole_set: bool
     return x
 
 def real_batches(images, cfg: GANConfig) -> Callable[[int], torch.Tensor]:
-    "A function step -> real batch [B, C, R, R] float32 in [-1, 1] (CPU), with flips, from a tensor, dataset or function."
+    """A function step -> real batch [B, C, R, R] float32 in [-1, 1] (CPU), with flips, from a tensor, dataset or
+    function."""
     B = cfg.batch_size
     if callable(images) and not isinstance(images, (torch.Tensor, torch.utils.data.Dataset)):
         draw = lambda t: _as_float_images(images(t), cfg, f"images returned for step {t}")
     else:
         if len(images) == 0: raise ValueError("the real image set is empty")
         if isinstance(images, torch.Tensor):
-            _as_float_images(images[:0] if images.dtype == torch.uint8 else images, cfg, "the real images", whole_set=True)
+            _as_float_images(images[:0] if images.dtype == torch.uint8 else images, cfg, "the real images",
+                             whole_set=True)
             get = lambda idx: images[idx]
         elif isinstance(images, torch.utils.data.Dataset):
             def get(idx):
@@ -130,7 +137,8 @@ def real_batches(images, cfg: GANConfig) -> Callable[[int], torch.Tensor]:
         def perm(epoch: int) -> torch.Tensor:
             if epoch not in perms:
                 if len(perms) > 2: perms.clear()
-                perms[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(step_seed(cfg.seed, epoch, "epoch")))
+                g = torch.Generator().manual_seed(step_seed(cfg.seed, epoch, "epoch"))
+                perms[epoch] = torch.randperm(n, generator=g)
             return perms[epoch]
         def draw(t: int) -> torch.Tensor:
             pos = torch.arange((t - 1) * B, t * B)
@@ -200,10 +208,12 @@ def _adam_step(opt: torch.optim.Optimizer, loss: torch.Tensor, net: torch.nn.Mod
 def gan_step(G, D, G_ema, opt_g, opt_d, x: torch.Tensor, cfg: GANConfig, t: int, device) -> dict:
     "Step `t` of StyleGAN2 training on the real batch `x`: phases 1-4 above; returns the losses and mean logits."
     D.requires_grad_(False)                                                            # 1. G, non-saturating loss
-    loss_g = g_nonsaturating_loss(D(G(_latents(cfg, cfg.batch_size, step_seed(cfg.seed, t, "z_G"), device), noise_mode="random")))
+    z = _latents(cfg, cfg.batch_size, step_seed(cfg.seed, t, "z_G"), device)
+    loss_g = g_nonsaturating_loss(D(G(z, noise_mode="random")))
     _adam_step(opt_g, loss_g, G)
     D.requires_grad_(True)                                                             # 2. D, logistic loss
-    with torch.no_grad(): fake = G(_latents(cfg, cfg.batch_size, step_seed(cfg.seed, t, "z_D"), device), noise_mode="random")
+    with torch.no_grad(): fake = G(_latents(cfg, cfg.batch_size, step_seed(cfg.seed, t, "z_D"), device),
+                                   noise_mode="random")
     real_logits, fake_logits = D(x), D(fake)
     loss_d = d_logistic_loss(real_logits, fake_logits)
     _adam_step(opt_d, loss_d, D)
@@ -286,8 +296,9 @@ def train_stylegan2(images, config: GANConfig | None = None, out_dir: str | Path
         if t % cfg.sample_every == 0 or t == cfg.steps: samples(t)
         if t in cfg.keep_snapshots or t == cfg.steps: snapshot(t)
         if t % cfg.snapshot_every == 0 or t == cfg.steps:
-            run.save({"step": t, "G": G.state_dict(), "D": D.state_dict(), "G_ema": G_ema.state_dict(), "opt_G": opt_g.state_dict(),
-                      "opt_D": opt_d.state_dict(), "elapsed": elapsed, "log_window": window, "last_r1": last_r1})
+            run.save({"step": t, "G": G.state_dict(), "D": D.state_dict(), "G_ema": G_ema.state_dict(),
+                      "opt_G": opt_g.state_dict(), "opt_D": opt_d.state_dict(), "elapsed": elapsed,
+                      "log_window": window, "last_r1": last_r1})
     return GANResult(G, D, G_ema, run.history, run.dir)
 
 # %% ../../nbs/bench/01_gantrain.ipynb #739b98e6
@@ -303,14 +314,17 @@ def load_snapshot(path: str | Path, device=None) -> tuple[Generator, dict]:
 
 # %% ../../nbs/bench/01_gantrain.ipynb #5a9f0002
 def read_manifest(folder: str | Path, how_to_make: str = "") -> list[dict]:
-    "The snapshots listed in `folder/snapshots.json`, oldest first; an error names what is missing and `how_to_make` them."
+    """The snapshots listed in `folder/snapshots.json`, oldest first; an error names what is missing and `how_to_make`
+    them."""
     folder = Path(folder)
     path = folder / "snapshots.json"
-    if not path.exists(): raise FileNotFoundError(f"{path} not found; {how_to_make or 'train and keep snapshots first'}")
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found; {how_to_make or 'train and keep snapshots first'}")
     snapshots = sorted(json.loads(path.read_text())["snapshots"], key=lambda s: s["step"])
     missing = [s["snapshot"] for s in snapshots if not (folder / s["snapshot"]).exists()]
     if missing or not snapshots:
-        raise FileNotFoundError(f"{path} lists snapshots that are not in {folder}: {missing or 'none listed'}; {how_to_make}")
+        raise FileNotFoundError(f"{path} lists snapshots that are not in {folder}: {missing or 'none listed'}; "
+                                f"{how_to_make}")
     return snapshots
 
 def hooked_snapshot(path: str | Path, truncation_psi: float = 1.0, device=None) -> HookedGenerator:

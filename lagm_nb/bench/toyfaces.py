@@ -75,8 +75,8 @@ def toyface_params(seeds: torch.Tensor) -> dict[str, torch.Tensor]:
     p["head_a"], p["jaw"] = d(0.68, 0.8), d(0.05, 0.22)
     p["eye_y"], p["eye_dx"], p["eye_a"], p["eye_b"], p["gaze"] = (d(-0.16, -0.06), d(0.3, 0.36), d(0.16, 0.2),
                                                                  d(0.095, 0.125), d(-0.5, 0.5))
-    p["brow_gap"], p["brow_a"], p["brow_b"], p["brow_arch"], p["brow_tilt"] = (d(0.19, 0.25), d(0.19, 0.24),
-                                                                              d(0.06, 0.08), d(0.0, 0.06), d(-0.05, 0.05))
+    p["brow_gap"], p["brow_a"], p["brow_b"], p["brow_arch"], p["brow_tilt"] = (
+        d(0.19, 0.25), d(0.19, 0.24), d(0.06, 0.08), d(0.0, 0.06), d(-0.05, 0.05))
     p["nose_y"], p["nose_a"], p["nose_b"] = d(0.1, 0.18), d(0.12, 0.16), d(0.19, 0.26)
     p["mouth_y"], p["mouth_a"], p["smile"] = d(0.5, 0.58), d(0.24, 0.32), d(-0.3, 1.0)
     p["mouth_open"] = d() < 0.35
@@ -189,7 +189,8 @@ def _check_size(size, what: str = "size") -> int:
 def _masks(p: dict, size: int, device) -> torch.Tensor:
     return torch.tensor(TOYFACE_REGION_CLASS, device=device)[_regions(p, *_face_frame(p, size, device)).long()]
 
-def toyface_masks(seeds: Sequence[int] | torch.Tensor, size: int = 64, device=None, batch_size: int = 512) -> torch.Tensor:
+def toyface_masks(seeds: Sequence[int] | torch.Tensor, size: int = 64, device=None,
+                  batch_size: int = 512) -> torch.Tensor:
     "Exact part masks (int64 [N, size, size], indices into TOYFACE_CLASSES) of toy faces `seeds`, without images."
     size, bs, dev = _check_size(size), _check_size(batch_size, "batch_size"), default_device(device)
     return torch.cat([_masks(toyface_params(chunk), size, dev) for chunk in _check_seeds(seeds).to(dev).split(bs)])
@@ -237,7 +238,8 @@ def _lookup(table: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
 
 # %% ../../nbs/bench/03_toyfaces.ipynb #59838eb9
 def _value_noise(seeds, stream: str, lattice: tuple[int, int], u, v, extent: float = 1.6) -> torch.Tensor:
-    "Smooth noise in [-1, 1] at face coordinates (u, v) [N,H,W]; a lattice of `lattice` values spans [-extent, extent]^2."
+    """Smooth noise in [-1, 1] at face coordinates (u, v) [N,H,W]; a lattice of `lattice` values spans [-extent,
+    extent]^2."""
     lat = _random_field(seeds, stream, (1, *lattice)) * 2 - 1
     grid = torch.stack([u / extent, v / extent], -1)
     return F.grid_sample(lat, grid, mode="bilinear", padding_mode="border", align_corners=True)[:, 0]
@@ -247,7 +249,7 @@ def _photo_shading(p: dict, seeds, R, u, v) -> torch.Tensor:
     c, s = p["cos"], p["sin"]
     lx, ly, lz = p["light"].unbind(1)
     flx, fly, flz = _c(c * lx + s * ly), _c(c * ly - s * lx), _c(lz)        # the light in the face frame
-    nx, ny = u / (_c(p["head_a"]) * 1.2), v / 1.15                          # normals of an ellipsoid around head and hair
+    nx, ny = u / (_c(p["head_a"]) * 1.2), v / 1.15                 # normals of an ellipsoid around head and hair
     r = (nx * nx + ny * ny).clamp(min=1).sqrt()
     nx, ny = nx / r, ny / r
     nz = (1 - nx * nx - ny * ny).clamp(min=0).sqrt()
@@ -268,7 +270,8 @@ def _photo_background(p: dict, seeds, size: int) -> torch.Tensor:
     img = p["bg_a"][:, :, None, None] * (1 - t) + p["bg_b"][:, :, None, None] * t
     for b in range(p["blobs"].shape[1]):
         q = p["blobs"][:, b]                    # centre x, y; radii; opacity; colour
-        du, dv = (x - _c(q[:, 0] * 2 - 1)) / _c(0.1 + 0.4 * q[:, 2]), (y - _c(q[:, 1] * 2 - 1)) / _c(0.1 + 0.4 * q[:, 3])
+        du = (x - _c(q[:, 0] * 2 - 1)) / _c(0.1 + 0.4 * q[:, 2])
+        dv = (y - _c(q[:, 1] * 2 - 1)) / _c(0.1 + 0.4 * q[:, 3])
         alpha = ((1 - du * du - dv * dv) * 4).clamp(0, 1) * _c(0.8 * q[:, 4])
         img = img + alpha[:, None] * (q[:, 5:8, None, None] - img)
     lat = _random_field(seeds, "background", (3, 5, 5)) * 2 - 1
@@ -309,7 +312,8 @@ TOYFACE_SPLITS = {"gan_train": 0, "pool": 1_000_000, "val": 2_000_000, "test": 3
 TOYFACE_SPLIT_SIZE = 1_000_000
 
 def toyface_split(name: str, n: int, start: int = 0) -> torch.Tensor:
-    "Seeds `start` .. `start + n - 1` (int64 [n]) of split `name`: 'gan_train', 'pool', 'val' or 'test'; splits never overlap."
+    """Seeds `start` .. `start + n - 1` (int64 [n]) of split `name`: 'gan_train', 'pool', 'val' or 'test'; splits never
+    overlap."""
     if name not in TOYFACE_SPLITS: raise ValueError(f"unknown split {name!r}; choose one of {list(TOYFACE_SPLITS)}")
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= TOYFACE_SPLIT_SIZE - start:
         raise ValueError(f"n must be an integer in [1, {TOYFACE_SPLIT_SIZE - start:,}], got {n!r}")
@@ -319,7 +323,8 @@ def toyface_labelled(name: str, n: int, style: str = "photo", size: int = 64, de
     "The first `n` faces of split `name` in `style` as LabelledImages (CPU tensors; names `toyface_<style>_<seed>`)."
     seeds = toyface_split(name, n)
     images, masks = render_toyfaces(seeds, size, style, device)
-    return LabelledImages(images.cpu(), masks.cpu(), len(TOYFACE_CLASSES), [f"toyface_{style}_{s}" for s in seeds.tolist()])
+    names = [f"toyface_{style}_{s}" for s in seeds.tolist()]
+    return LabelledImages(images.cpu(), masks.cpu(), len(TOYFACE_CLASSES), names)
 
 def render_toyfaces_uint8(seeds: torch.Tensor, style: str = "photo", size: int = 64, chunk: int = 1000):
     "Images as uint8 [N,3,H,W] in [0, 255] and masks as uint8, rendered in chunks: a quarter of the memory of floats."
@@ -330,13 +335,15 @@ def render_toyfaces_uint8(seeds: torch.Tensor, style: str = "photo", size: int =
 class ToyFaceDataset(torch.utils.data.Dataset):
     "The first `n` faces of split `name`, drawn on the CPU when asked for: items are (image [3,H,W], mask [H,W])."
     def __init__(self, name: str, n: int, style: str = "photo", size: int = 64):
-        if style not in TOYFACE_STYLES: raise ValueError(f"unknown style {style!r}; choose one of {list(TOYFACE_STYLES)}")
+        if style not in TOYFACE_STYLES:
+            raise ValueError(f"unknown style {style!r}; choose one of {list(TOYFACE_STYLES)}")
         self.seeds, self.style, self.size = toyface_split(name, n), style, _check_size(size)
 
     def __len__(self): return len(self.seeds)
 
     def __getitems__(self, idx: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        images, masks = render_toyfaces(self.seeds[torch.as_tensor(idx, dtype=torch.long)], self.size, self.style, "cpu")
+        seeds = self.seeds[torch.as_tensor(idx, dtype=torch.long)]
+        images, masks = render_toyfaces(seeds, self.size, self.style, "cpu")
         return list(zip(images, masks))
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -375,7 +382,8 @@ def smoke_snapshots(folder: str | Path) -> Path:
 
 # %% ../../nbs/bench/03_toyfaces.ipynb #70bf0003
 def toyfaces_benchmark(gan_dir: str | Path | None = None, pool_size: int = 1000, n_val: int | None = 200,
-                       n_test: int | None = 1000, truncation_psi: float = 1.0, smoke_dir: str | Path | None = None) -> Benchmark:
+                       n_test: int | None = 1000, truncation_psi: float = 1.0,
+                       smoke_dir: str | Path | None = None) -> Benchmark:
     "The toy-face benchmark: pools, validation and test faces, the kept GAN snapshots (or smoke ones in `smoke_dir`)."
     if gan_dir is None and smoke_dir is not None:
         gan_dir = smoke_dir if (Path(smoke_dir) / "snapshots.json").exists() else smoke_snapshots(smoke_dir)
@@ -390,7 +398,8 @@ def toyfaces_benchmark(gan_dir: str | Path | None = None, pool_size: int = 1000,
     return Benchmark("toyfaces", TOYFACE_CLASSES, TOYFACE_COLORS,
                      pools={s: toyface_labelled("pool", pool_size, s) for s in styles},
                      vals={s: toyface_labelled("val", n_val or 200, s) for s in styles},
-                     test=toyface_labelled("test", n_test or 1000, "photo"), generators=generator, generator_names=names,
+                     test=toyface_labelled("test", n_test or 1000, "photo"), generators=generator,
+                     generator_names=names,
                      sources={"": "photo", "photo": "photo", "render": "render"},
                      oracle_data=lambda n: render_toyfaces_uint8(toyface_split("pool", n), "photo"),
                      info={"snapshots": snapshots, "gan_dir": gan_dir})
