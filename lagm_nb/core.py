@@ -127,6 +127,11 @@ class Config:
 
     def replace(self, **changes): return self.from_dict({**self.to_dict(), **changes})
 
+    def changes(self) -> dict:
+        "The settings that differ from the defaults (what names a run in the result stores: see `fingerprint`)."
+        default = type(self)().to_dict()
+        return {k: v for k, v in self.to_dict().items() if v != default[k]}
+
 # %% ../nbs/00_core.ipynb #5e1a0c02
 def _jsonable(x): return json.loads(json.dumps(x, default=str))
 
@@ -150,9 +155,11 @@ def _newest_readable(paths: list[Path], kind: str, map_location) -> tuple[dict |
 # %% ../nbs/00_core.ipynb #5e1a0c03
 class RunDir:
     "The folder of a resumable run: checkpoint (and the previous one), JSON Lines log, and the settings it must keep."
-    def __init__(self, out_dir: str | Path | None, kind: str, settings: dict, restartable: Iterable[str] = ()):
+    def __init__(self, out_dir: str | Path | None, kind: str, settings: dict, restartable: Iterable[str] = (),
+                 defaults: dict | None = None):
         self.dir = Path(out_dir) if out_dir is not None else None
         self.kind, self.settings, self.restartable = kind, _jsonable(settings), set(restartable)
+        self.defaults = _jsonable(defaults or {})     # what a setting that a checkpoint does not record was then
         self.history: list[dict] = []
 
     @property
@@ -170,7 +177,8 @@ class RunDir:
             raise FileExistsError(f"{self.dir} already holds a run ({found[0].name}); pass resume=True to continue "
                                   "it, overwrite=True to start it again from scratch, or another out_dir")
         state, path = _newest_readable(found, self.kind, map_location) if resume else (None, None)
-        if state is not None: _check_settings(self.settings, state["settings"], self.restartable, path)
+        if state is not None:
+            _check_settings(self.settings, {**self.defaults, **state["settings"]}, self.restartable, path)
         else: self._clear(found, resume)
         self.history = list(state["history"]) if state else []
         write_jsonl(self.dir / "log.jsonl", self.history)

@@ -14,11 +14,12 @@ from .core import (default_device, fingerprint, load_checkpoint, load_state_dict
                           step_seed, write_text_atomic)
 from .datasets import LabelledImages
 from .generators import FeatureGenerator
+from .gradmatch import select_parameters
 from .train import GMConfig, fit_annotator, train_gradient_matching
 from .downstream import labelled_batches, train_segmenter
 
 # %% auto #0
-__all__ = ['RECIPES', 'RecipeConfig', 'default_recipe', 'pseudo_labels', 'RecipeResult', 'learn_annotator']
+__all__ = ['RECIPES', 'RecipeConfig', 'default_recipe', 'pseudo_labels', 'keep_pretrained', 'RecipeResult', 'learn_annotator']
 
 # %% ../nbs/11_recipe.ipynb #11fa1210
 RECIPES: dict[str, dict] = {
@@ -39,6 +40,7 @@ class RecipeConfig(GMConfig):
     warm_start_images: int = 0        # generated images the pre-trained segmenter labels for the warm start (0: none)
     warm_start_steps: int = 400       # Eq. 3 fitting steps of the annotator on them
     augment_labelled: bool = False    # augment the labelled batches of the matching target
+    pretrain_keep: str | list = "all" # parameter groups kept after pre-training; the rest is re-drawn (Fig. C.5)
 
     def matching(self) -> GMConfig:
         "The settings of stage 3, as the `GMConfig` that `train_gradient_matching` takes."
@@ -61,6 +63,16 @@ def pseudo_labels(generator: FeatureGenerator, segmenter: nn.Module, n_images: i
                    for i in range(0, n_images, batch_size)])
     return z, q
 
+# %% ../nbs/11_recipe.ipynb #4ec1e002
+def keep_pretrained(segmenter: nn.Module, keep: str | list, seed: int) -> nn.Module:
+    "Keep the parameters in groups `keep` (and their modules' buffers); re-draw the rest from `segmenter.fresh(seed)`."
+    if keep == "all": return segmenter
+    kept = {name.rsplit(".", 1)[0] for name, _ in select_parameters(segmenter, keep)}
+    fresh = segmenter.fresh(seed).state_dict()
+    own = segmenter.state_dict()
+    segmenter.load_state_dict({k: (v if k.rsplit(".", 1)[0] in kept else fresh[k]) for k, v in own.items()})
+    return segmenter
+
 # %% ../nbs/11_recipe.ipynb #aebe9649
 @dataclasses.dataclass
 class RecipeResult:
@@ -72,8 +84,31 @@ class RecipeResult:
     config: RecipeConfig                 # the recipe that ran (the default one is device-dependent: see above)
     match_dir: Path | None = None
 
-_STAGE_FIELDS = {"pretrain": ["pretrain_steps", "pretrain_batch_size", "pretrain_lr", "seed"],
+_STAGE_FIELDS = {"pretrain": ["pretrain_steps", "pretrain_batch_size", "pretrain_lr", "pretrain_keep", "seed"],
                  "warm": ["warm_start_images", "warm_start_steps"]}
+
+def _stage_keys(cfg: RecipeConfig, *things) -> tuple[str, str, str]:
+    "Fingerprints of the three stages: each of what it depends on, the stages before it included."
+    changes = cfg.changes()
+    stage = lambda name: {k: v for k, v in changes.items() if k in _STAGE_FIELDS[name]}
+    key_pre = fingerprint(fingerprint(*things), stage("pretrain"))
+    key_warm = fingerprint(key_pre, stage("warm"))
+    return key_pre, key_warm, fingerprint(key_warm, cfg.matching().changes(), cfg.augment_labelled)
+
+def _pretrain(segmenter, labelled, cfg: RecipeConfig, val, pre_dir, device, progress) -> float:
+    "Stage 1: supervised pre-training of the matching segmenter; returns its minutes (as recorded when it ran)."
+    t0 = time.perf_counter()
+    batches = labelled_batches(labelled, cfg.pretrain_batch_size, seed=cfg.seed, device=device)
+    train_segmenter(segmenter, batches, cfg.pretrain_steps, lr=cfg.pretrain_lr, val=val,
+                    eval_every=max(1, cfg.pretrain_steps // 5), out_dir=pre_dir, resume=True, seed=cfg.seed,
+                    device=device, progress=progress, desc="pre-training segmenter")
+    keep_pretrained(segmenter, cfg.pretrain_keep, step_seed(cfg.seed, 0, "pretrain keep"))
+    minutes = (time.perf_counter() - t0) / 60
+    if pre_dir:     # a later recipe that loads this pre-training still reports what it cost
+        record = pre_dir / "minutes.json"
+        if record.exists(): return json.loads(record.read_text())["minutes"]
+        write_text_atomic(record, json.dumps({"minutes": minutes}))
+    return minutes
 
 def learn_annotator(generator: FeatureGenerator, annotator: nn.Module, segmenter: nn.Module,
                     labelled: LabelledImages, config: RecipeConfig | None = None, *, val: LabelledImages | None = None,
@@ -84,11 +119,7 @@ def learn_annotator(generator: FeatureGenerator, annotator: nn.Module, segmenter
     cfg = config or default_recipe(device)
     generator.to(device); annotator.to(device); segmenter.to(device)
     cache = Path(cache_dir) if cache_dir is not None else None
-    settings = cfg.to_dict()
-    key = fingerprint(generator, labelled, val, annotator, segmenter)
-    key_pre = fingerprint(key, {k: settings[k] for k in _STAGE_FIELDS["pretrain"]})
-    key_warm = fingerprint(key_pre, {k: settings[k] for k in _STAGE_FIELDS["warm"]})
-    key_match = fingerprint(key_warm, cfg.matching().to_dict(), cfg.augment_labelled)
+    key_pre, key_warm, key_match = _stage_keys(cfg, generator, labelled, val, annotator, segmenter)
     warm_path = cache / f"warm-{key_warm}.pt" if cache else None
     if warm_path and warm_path.exists():    # stages 1 and 2 are done: their result is on disk
         ck = load_checkpoint(warm_path, "recipe_warm_start", map_location=device)
@@ -96,18 +127,9 @@ def learn_annotator(generator: FeatureGenerator, annotator: nn.Module, segmenter
         load_state_dict_checked(segmenter, ck["segmenter"], f"segmenter in {warm_path}")
         minutes = ck["minutes"]
     else:
-        minutes, t0 = {"pretrain": 0.0}, time.perf_counter()
-        if cfg.pretrain_steps:
-            pre_dir = cache / f"pretrain-{key_pre}" if cache else None
-            batches = labelled_batches(labelled, cfg.pretrain_batch_size, seed=cfg.seed, device=device)
-            train_segmenter(segmenter, batches, cfg.pretrain_steps, lr=cfg.pretrain_lr, val=val,
-                            eval_every=max(1, cfg.pretrain_steps // 5), out_dir=pre_dir, resume=True, seed=cfg.seed,
-                            device=device, progress=progress, desc="pre-training segmenter")
-            minutes["pretrain"] = (time.perf_counter() - t0) / 60
-            if pre_dir:     # a later recipe that loads this pre-training still reports what it cost
-                record = pre_dir / "minutes.json"
-                if record.exists(): minutes["pretrain"] = json.loads(record.read_text())["minutes"]
-                else: write_text_atomic(record, json.dumps({"minutes": minutes["pretrain"]}))
+        pre_dir = cache / f"pretrain-{key_pre}" if cache else None
+        minutes = {"pretrain": _pretrain(segmenter, labelled, cfg, val, pre_dir, device, progress)
+                   if cfg.pretrain_steps else 0.0}
         t0 = time.perf_counter()
         if cfg.warm_start_images:
             z, q = pseudo_labels(generator, segmenter, cfg.warm_start_images, cfg.seed)

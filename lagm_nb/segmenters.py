@@ -35,6 +35,11 @@ class Segmenter(nn.Module):
             if not groups[group]: raise RuntimeError(f"parameter group {group!r} of {type(self).__name__} is empty")
         return groups
 
+    def fresh(self, seed: int) -> "Segmenter":
+        "A new network of the same architecture (its constructor arguments, `init_kwargs`), initialised from `seed`."
+        torch.manual_seed(seed)
+        return type(self)(**self.init_kwargs)
+
 # %% ../nbs/07_segmenters.ipynb #70fff232
 class DoubleConv(nn.Module):
     "Two rounds of 3x3 conv (no bias) -> batch norm -> ReLU; the first maps to `c_mid` channels (default `c_out`)."
@@ -87,6 +92,7 @@ class UNet(Segmenter):
     def __init__(self, n_classes: int, in_channels: int = 3, width: int = 64, bilinear: bool = True):
         super().__init__()
         self.n_classes, self.in_channels, self.width, self.bilinear = n_classes, in_channels, width, bilinear
+        self.init_kwargs = dict(n_classes=n_classes, in_channels=in_channels, width=width, bilinear=bilinear)
         f, w = (2 if bilinear else 1), width
         self.inc = DoubleConv(in_channels, w)
         self.down1, self.down2, self.down3 = Down(w, 2*w), Down(2*w, 4*w), Down(4*w, 8*w)
@@ -112,7 +118,7 @@ class UNet(Segmenter):
                   "s4": ["down3.", "up1."], "s5": ["down4."]}
         return {"inc": ["inc."], "down": [f"down{i}." for i in range(1, 5)], "up": [f"up{i}." for i in range(1, 5)],
                 "outc": ["outc."], "input": ["inc."], "output": ["outc."], **scales,
-                "u1": scales["s1"], "u2": scales["s2"],
+                "u1": scales["s1"], "u2": scales["s2"], "encoder": ["inc."] + [f"down{i}." for i in range(1, 5)],
                 "head": ["up4.conv.double_conv.3.", "up4.conv.double_conv.4.", "outc."]}
 
 # %% ../nbs/07_segmenters.ipynb #7de78144
@@ -217,6 +223,7 @@ class DeepLabV3(Segmenter):
         if backbone not in RESNET_DEPTHS:
             raise ValueError(f"unknown DeepLabV3 backbone {backbone!r}; valid backbones: {sorted(RESNET_DEPTHS)}")
         self.n_classes, self.backbone_name, self.imagenet_normalize = n_classes, backbone, imagenet_normalize
+        self.init_kwargs = dict(n_classes=n_classes, backbone=backbone, imagenet_normalize=imagenet_normalize)
         self.backbone = ResNetBackbone(RESNET_DEPTHS[backbone])
         self.classifier = DeepLabHead(2048, n_classes)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)

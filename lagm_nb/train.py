@@ -19,8 +19,9 @@ from .gradmatch import GradientMatchingLoss, segmentation_loss
 from .metrics import confusion_matrix, evaluate_segmenter, scores
 
 # %% auto #0
-__all__ = ['PRESETS', 'GMConfig', 'evaluate_annotator', 'labelled_batch', 'annotate', 'annotator_step', 'segmenter_step',
-           'GMResult', 'make_optimizer', 'evaluate_run', 'train_gradient_matching', 'fit_annotator']
+__all__ = ['PRESETS', 'SEGMENTER_STATES', 'GMConfig', 'evaluate_annotator', 'labelled_batch', 'annotate', 'annotator_step',
+           'segmenter_step', 'check_segmenter_state', 'update_segmenter', 'GMResult', 'make_optimizer', 'evaluate_run',
+           'train_gradient_matching', 'fit_annotator']
 
 # %% ../nbs/09_train.ipynb #2f4cb78e
 PRESETS: dict[str, dict] = {"paper": {}}
@@ -32,6 +33,8 @@ class GMConfig(Config):
     batch_size: int = 2                   # generated images per batch (B)
     labelled_batch_size: int = 2          # labelled images per batch
     segmenter_every: int = 1              # K: a segmenter step every K annotator steps
+    segmenter_state: str = "learned"      # "learned" (Algorithm 1), "reinit" or "fixed": the states of Fig. C.4
+    reinit_every: int = 1                 # with "reinit": draw fresh segmenter weights every this many steps
     annotator_optimizer: str = "sgd"      # "sgd" or "adam"
     annotator_lr: float = 1e-3
     annotator_momentum: float = 0.9
@@ -110,6 +113,28 @@ def segmenter_step(generator: FeatureGenerator, annotator: nn.Module, segmenter:
     optimizer.zero_grad(set_to_none=True); loss.backward(); optimizer.step()                     # line 11
     return loss.detach()
 
+# %% ../nbs/09_train.ipynb #a1g0r011
+SEGMENTER_STATES = ("learned", "reinit", "fixed")
+
+def check_segmenter_state(config: GMConfig, segmenter: nn.Module | None = None):
+    "Refuse an unknown `segmenter_state`, a `reinit_every` below 1, or re-drawing a segmenter that cannot `fresh`."
+    if config.segmenter_state not in SEGMENTER_STATES:
+        raise ValueError(f"segmenter_state must be one of {SEGMENTER_STATES}, not {config.segmenter_state!r}")
+    if config.reinit_every < 1: raise ValueError(f"reinit_every must be at least 1, not {config.reinit_every}")
+    if config.segmenter_state == "reinit" and segmenter is not None and not hasattr(segmenter, "fresh"):
+        raise ValueError(f"segmenter_state='reinit' needs a segmenter with a `fresh(seed)` method (a new, freshly "
+                         f"initialised copy); {type(segmenter).__name__} has none: derive it from "
+                         "lagm_nb.segmenters.Segmenter")
+
+def update_segmenter(generator, annotator, segmenter, optimizer, config: GMConfig, step: int) -> torch.Tensor | None:
+    "Algorithm 1, lines 8-12, for each segmenter state: train it, re-draw it, or leave it; returns the loss if trained."
+    if config.segmenter_state == "learned" and step % config.segmenter_every == 0:
+        return segmenter_step(generator, annotator, segmenter, optimizer, config, step)
+    if config.segmenter_state == "reinit" and step % config.reinit_every == 0:
+        segmenter.load_state_dict(segmenter.fresh(step_seed(config.seed, step, "reinit")).state_dict())
+        optimizer.state.clear()
+    return None
+
 # %% ../nbs/09_train.ipynb #a1g0r009
 @dataclasses.dataclass
 class GMResult:
@@ -148,13 +173,14 @@ def train_gradient_matching(generator: FeatureGenerator, annotator: nn.Module, s
                             device=None, progress: bool = True) -> GMResult:
     "Algorithm 1 of the paper: learn `annotator` by gradient matching while `segmenter` trains on its labels."
     cfg, device = config or GMConfig(), default_device(device)
+    check_segmenter_state(cfg, segmenter)
     generator.to(device); annotator.to(device); segmenter.to(device)
     gm = GradientMatchingLoss(segmenter, cfg.match, cfg.convention)
     opt_a = make_optimizer(annotator.parameters(), cfg.annotator_optimizer, cfg.annotator_lr, cfg.annotator_momentum)
     opt_s = make_optimizer(segmenter.parameters(), "sgd", cfg.segmenter_lr, cfg.segmenter_momentum)
     data = {"generator": fingerprint(generator),
             "labelled": "batch source" if callable(labelled) else fingerprint(labelled)}
-    run = RunDir(out_dir, "gm_run", {**cfg.to_dict(), **data}, _RESTARTABLE)
+    run = RunDir(out_dir, "gm_run", {**cfg.to_dict(), **data}, _RESTARTABLE, defaults=type(cfg)().to_dict())
     state, start = run.start(resume, overwrite, map_location=device), 0
     if state:
         for net, key in [(annotator, "annotator"), (segmenter, "segmenter")]:
@@ -167,9 +193,7 @@ def train_gradient_matching(generator: FeatureGenerator, annotator: nn.Module, s
     for t in bar:                                                                    # line 1
         torch.manual_seed(step_seed(cfg.seed, t, "torch"))
         loss = annotator_step(gm, generator, annotator, opt_a, labelled, cfg, t, device)           # lines 2-7
-        seg_loss = None
-        if t % cfg.segmenter_every == 0:                                                          # lines 8-12
-            seg_loss = segmenter_step(generator, annotator, segmenter, opt_s, cfg, t)
+        seg_loss = update_segmenter(generator, annotator, segmenter, opt_s, cfg, t)                 # lines 8-12
         elapsed = elapsed0 + time.perf_counter() - t0
         if t % cfg.log_every == 0 or t == cfg.steps:
             run.record({"step": t, "gm_loss": loss.item(), "seg_loss": None if seg_loss is None else seg_loss.item(),

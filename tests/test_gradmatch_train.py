@@ -83,3 +83,41 @@ def test_resume_needs_out_dir(setup):
 def test_images_of_the_wrong_range_are_refused():
     with pytest.raises(ValueError, match="127.5"):
         LabelledImages(torch.full((1, 3, 4, 4), 200.), torch.zeros(1, 4, 4, dtype=torch.long), 2)
+
+
+def _params(net): return [p.detach().clone() for p in net.parameters()]
+
+
+def test_fixed_segmenter_is_never_updated(setup):
+    G, lab = setup
+    A, S = _nets(G)
+    before = _params(S)
+    cfg = GMConfig(steps=3, segmenter_state="fixed", eval_every=10, log_every=1)
+    res = train_gradient_matching(G, A, S, lab, cfg, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(before, res.segmenter.parameters()))
+    assert all(r["seg_loss"] is None for r in res.history if "gm_loss" in r)
+
+
+def test_reinit_segmenter_holds_the_fresh_weights_of_its_last_redraw(setup):
+    from lagm_nb.core import step_seed
+    G, lab = setup
+    A, S = _nets(G)
+    cfg = GMConfig(steps=4, segmenter_state="reinit", reinit_every=2, eval_every=10)
+    res = train_gradient_matching(G, A, S, lab, cfg, progress=False)
+    drawn = UNet(3, width=4).fresh(step_seed(cfg.seed, 4, "reinit"))
+    assert all(torch.equal(a, b) for a, b in zip(res.segmenter.parameters(), drawn.parameters()))
+    with pytest.raises(ValueError, match="segmenter_state must be one of"):
+        train_gradient_matching(G, *_nets(G), lab, cfg.replace(segmenter_state="frozen"), progress=False)
+
+
+def test_resuming_a_checkpoint_from_before_a_setting_existed(setup, tmp_path):
+    # a checkpoint that does not record `segmenter_state` (written before it existed) resumes as its default
+    from lagm_nb.core import load_checkpoint, save_checkpoint
+    G, lab = setup
+    cfg = GMConfig(steps=2, checkpoint_every=1, eval_every=10)
+    train_gradient_matching(G, *_nets(G), lab, cfg, out_dir=tmp_path, progress=False)
+    ck = load_checkpoint(tmp_path / "checkpoint.pt", "gm_run")
+    del ck["settings"]["segmenter_state"], ck["lagm_nb_kind"]
+    save_checkpoint(ck, tmp_path / "checkpoint.pt", "gm_run")
+    res = train_gradient_matching(G, *_nets(G), lab, cfg.replace(steps=3), out_dir=tmp_path, resume=True, progress=False)
+    assert res.history[-1]["step"] == 3

@@ -73,3 +73,23 @@ def test_learn_annotator_reuses_cached_stages(tmp_path):
     _, _, A3, S3 = _setup()
     learn_annotator(G, A3, S3, data.subset(range(4, 8)), cfg, cache_dir=tmp_path, progress=False)
     assert len(list(tmp_path.glob("warm-*.pt"))) == 2
+
+
+def test_pretrain_keep_backbone_redraws_the_rest():
+    from lagm_nb.recipe import keep_pretrained
+    from lagm_nb.segmenters import DeepLabV3
+    torch.manual_seed(0)
+    net = DeepLabV3(3, backbone="resnet50")
+    with torch.no_grad():
+        for p in net.parameters(): p.add_(1.0)            # "pre-trained": differs from any fresh draw
+    trained = {k: v.clone() for k, v in net.state_dict().items()}
+    keep_pretrained(net, "backbone", seed=7)
+    fresh = net.fresh(7).state_dict()
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, trained[k] if k.startswith("backbone.") else fresh[k]), k
+
+
+def test_config_changes_name_runs_by_their_differences():
+    cfg = RecipeConfig.preset("cpu")
+    assert cfg.changes()["match"] == "head" and "segmenter_state" not in cfg.changes()
+    assert RecipeConfig().changes() == {}

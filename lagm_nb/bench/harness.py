@@ -229,7 +229,7 @@ def learned_annotator(store: ResultStore, bench: Benchmark, cfg: RowSettings, re
     "An FPN annotator learned by `recipe` from `n` labelled images of `source` (the run's seed picks them)."
     G, rcfg = bench.generator(generator), annotator_recipe(recipe, cfg, seed)
     labelled, val = draw_labelled(bench.pools[source], n, seed), bench.vals[source]
-    spec = {"version": STAGE_VERSIONS["annotator"], "method": "recipe", "recipe": rcfg.to_dict(),
+    spec = {"version": STAGE_VERSIONS["annotator"], "method": "recipe", "recipe": rcfg.changes(),
             "generator": fingerprint(G), "labelled": fingerprint(labelled), "val": fingerprint(val),
             "annotator_val": fingerprint(bench.annotator_val),
             "annotator": {"kind": "fpn", "width": cfg.annotator_width},
