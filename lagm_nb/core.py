@@ -14,22 +14,36 @@ from torch import nn
 
 # %% auto #0
 __all__ = ['default_device', 'seed_everything', 'step_seed', 'CheckpointError', 'save_checkpoint', 'load_checkpoint',
-           'load_state_dict_checked', 'write_text_atomic', 'write_jsonl', 'Config', 'RunDir', 'fingerprint']
+           'load_state_dict_checked', 'write_text_atomic', 'write_jsonl', 'Config', 'RunDir', 'FiniteGuard',
+           'fingerprint']
 
 # %% ../nbs/00_core.ipynb #08f31717
+def _mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+def _checked_device(value: str | torch.device, source: str) -> torch.device:
+    "`value` as a torch device that exists on this machine; `source` names where it came from in the errors."
+    if not isinstance(value, torch.device):
+        if not str(value).strip():
+            raise ValueError(f"{source} is empty; leave it unset to choose automatically, "
+                             "or use 'cpu', 'cuda' or 'mps'")
+        try: value = torch.device(value)
+        except (RuntimeError, ValueError):
+            raise ValueError(f"{source}={value!r} is not a device torch knows; "
+                             "use 'cpu', 'cuda', 'cuda:0' or 'mps'") from None
+    missing = {"cuda": not torch.cuda.is_available(), "mps": not _mps_available()}.get(value.type, False)
+    if missing: raise RuntimeError(f"{source}={str(value)!r} was asked for but {value.type.upper()} is not available "
+                                   "here; use 'cpu', or leave it unset to choose automatically")
+    if value.type == "cuda" and value.index is not None and value.index >= torch.cuda.device_count():
+        raise RuntimeError(f"{source}={str(value)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return value
+
 def default_device(device: str | torch.device | None = None) -> torch.device:
     "The device to run on: `device` if given, else `$LAGM_DEVICE`, else cuda, then mps, then cpu."
-    device = device or os.environ.get("LAGM_DEVICE")
-    if device is not None:
-        device = torch.device(device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError(f"device {device} was asked for but CUDA is not available here; "
-                               "use 'cpu' or leave it unset")
-        return device
+    if device is not None: return _checked_device(device, "device")
+    if os.environ.get("LAGM_DEVICE") is not None: return _checked_device(os.environ["LAGM_DEVICE"], "LAGM_DEVICE")
     if torch.cuda.is_available(): return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    return torch.device("mps") if _mps_available() else torch.device("cpu")
 
 # %% ../nbs/00_core.ipynb #0dfef487
 def seed_everything(seed: int) -> int:
@@ -205,6 +219,25 @@ class RunDir:
         new, prev = self.checkpoints
         if new.exists(): os.replace(new, prev)
         save_checkpoint({"settings": self.settings, "history": self.history, **state}, new, self.kind)
+
+# %% ../nbs/00_core.ipynb #5e1a0c08
+class FiniteGuard:
+    "Watches losses on their device without waiting for them; `check(step)` raises if one was NaN or infinite."
+    def __init__(self, what: str): self.what, self.ok, self.since = what, None, 1
+
+    def watch(self, *losses: torch.Tensor | None):
+        for loss in losses:
+            if loss is None: continue
+            finite = torch.isfinite(loss.detach()).all()
+            self.ok = finite if self.ok is None else self.ok & finite
+
+    def check(self, step: int):
+        if self.ok is not None and not bool(self.ok):
+            raise FloatingPointError(f"{self.what}: a loss became NaN or infinite between steps {self.since} and "
+                                     f"{step}; nothing of it was checkpointed (the last checkpoint, if any, is "
+                                     "intact). Look for NaN or infinite inputs, or lower the learning rates, then "
+                                     "resume")
+        self.ok, self.since = None, step + 1
 
 # %% ../nbs/00_core.ipynb #1a0c926d
 def fingerprint(*things) -> str:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['BatchSource', 'LabelledImages', 'resize_pair']
+__all__ = ['BatchSource', 'LabelledImages', 'resize_pair', 'check_classes']
 
 # %% ../nbs/02_datasets.ipynb #01bead99
 @dataclasses.dataclass
@@ -66,6 +66,14 @@ def resize_pair(images: torch.Tensor, labels: torch.Tensor, size: int | None, mo
     if labels.dtype.is_floating_point: labels = F.interpolate(labels, size=(size, size), mode=mode, **kw)
     else: labels = F.interpolate(labels[:, None].float(), size=(size, size), mode="nearest")[:, 0].long()
     return images, labels
+
+# %% ../nbs/02_datasets.ipynb #d5a7e010
+def check_classes(**things):
+    "Refuse `LabelledImages` and networks (with an `n_classes`) that do not share one class count, naming each."
+    counts = {name: getattr(t, "n_classes") for name, t in things.items() if getattr(t, "n_classes", None) is not None}
+    if len(set(counts.values())) > 1:
+        said = ", ".join(f"the {name} {n}" for name, n in counts.items())
+        raise ValueError(f"class counts differ: {said}; build them for the same classes (one n_classes everywhere)")
 
 # %% ../nbs/02_datasets.ipynb #d5a7e008
 BatchSource = Callable[[int], tuple[torch.Tensor, torch.Tensor]]

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from .core import RunDir, default_device, fingerprint, load_state_dict_checked, step_seed
-from .datasets import BatchSource, LabelledImages
+from .core import FiniteGuard, RunDir, default_device, fingerprint, load_state_dict_checked, step_seed
+from .datasets import BatchSource, LabelledImages, check_classes
 from .generators import FeatureGenerator
 from .gradmatch import segmentation_loss
 from .metrics import evaluate_segmenter, scores
@@ -95,6 +95,7 @@ def train_segmenter(segmenter: nn.Module, batches: BatchSource, steps: int, *, l
                     desc: str = "segmenter") -> SegmenterRun:
     "Train `segmenter` on `batches(step)` for `steps` steps; keep the weights with the best validation mIoU."
     device = default_device(device)
+    check_classes(segmenter=segmenter, val=val)
     segmenter.to(device)
     if optimizer not in ("adam", "sgd"): raise ValueError(f"optimizer must be 'adam' or 'sgd', not {optimizer!r}")
     opt = (torch.optim.Adam(segmenter.parameters(), lr=lr) if optimizer == "adam"
@@ -107,12 +108,15 @@ def train_segmenter(segmenter: nn.Module, batches: BatchSource, steps: int, *, l
         load_state_dict_checked(segmenter, state["segmenter"], f"segmenter in {run.checkpoints[0]}")
         opt.load_state_dict(state["optimizer"]); start, best = state["step"], tuple(state["best"])
     bar = tqdm(range(start + 1, steps + 1), initial=start, total=steps, disable=not progress, desc=desc)
+    guard = FiniteGuard(desc)
     for t in bar:
         torch.manual_seed(step_seed(seed, t, "segmenter"))
         x, y = batches(t)
         segmenter.train()
         loss = segmentation_loss(segmenter(x), y)
         opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
+        guard.watch(loss)
+        if t % 50 == 0 or t % checkpoint_every == 0 or t == steps: guard.check(t)
         if t % 50 == 0 or t == steps:
             run.record({"step": t, "loss": loss.item()}); bar.set_postfix(loss=f"{loss.item():.3f}")
         if val is not None and (t % eval_every == 0 or t == steps):

@@ -80,7 +80,14 @@ class HookedGenerator(FeatureGenerator):
         self._store: list[torch.Tensor] = []
         modules = dict(G.named_modules())
         for name in self.layers: modules[name].register_forward_hook(self._hook)
-        with torch.no_grad(): images, feats = self.synthesize(self.latents(1, seed=0))
+        try:
+            with torch.no_grad(): images = self._call(self.latents(1, seed=0))
+        except (RuntimeError, ValueError, TypeError) as e:
+            shape = ", ".join(map(str, self.z_shape))
+            raise ValueError(f"a dry run of {type(G).__name__} on latents of shape [1, {shape}] "
+                             f"failed ({type(e).__name__}: {e}); check z_dim={z_dim!r} (the generator's latent size), "
+                             "or pass forward= if it is not called as G(z)") from e
+        feats = self._collect()
         self.image_size = tuple(images.shape[-2:])
         self.feature_shapes = [tuple(f.shape[1:]) for f in feats]
 
@@ -93,17 +100,23 @@ class HookedGenerator(FeatureGenerator):
     def _hook(self, module, inputs, output):
         self._store.append(output[0] if isinstance(output, (tuple, list)) else output)
 
-    def synthesize(self, z):
+    def _call(self, z):
+        "Images of the wrapped generator for `z`; its hooked modules' outputs collect in `_store`."
         self._store = []
-        if self._forward is not None: images = self._forward(self.G, z)
-        elif self.has_mapping:
-            images = self.G(z, None, truncation_psi=self.truncation_psi, truncation_cutoff=self.truncation_cutoff)
-        else: images = self.G(z)
+        if self._forward is not None: return self._forward(self.G, z)
+        if self.has_mapping:
+            return self.G(z, None, truncation_psi=self.truncation_psi, truncation_cutoff=self.truncation_cutoff)
+        return self.G(z)
+
+    def _collect(self) -> list[torch.Tensor]:
+        "The features that the last call collected, one per hooked module."
         feats, self._store = self._store, []
         if len(feats) != len(self.layers):
             raise RuntimeError(f"expected one output from each of {len(self.layers)} hooked layers, got {len(feats)}: "
                                "hook modules that run exactly once per forward pass")
-        return images, feats
+        return feats
+
+    def synthesize(self, z): return self._call(z), self._collect()
 
 # %% ../nbs/03_generators.ipynb #6eb5dcf6
 class DCGAN(nn.Module):

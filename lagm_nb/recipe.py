@@ -117,6 +117,8 @@ def learn_annotator(generator: FeatureGenerator, annotator: nn.Module, segmenter
     "Learn `annotator` from `labelled` with a recipe: pre-train `segmenter`, warm-start the annotator, then match."
     device = default_device(device)
     cfg = config or default_recipe(device)
+    if config is None:
+        print(f"learn_annotator: no recipe given, so the {device.type} default: {cfg.changes() or 'paper'}")
     generator.to(device); annotator.to(device); segmenter.to(device)
     cache = Path(cache_dir) if cache_dir is not None else None
     key_pre, key_warm, key_match = _stage_keys(cfg, generator, labelled, val, annotator, segmenter)

@@ -11,8 +11,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from .core import Config, RunDir, default_device, fingerprint, load_state_dict_checked, step_seed
-from .datasets import BatchSource, LabelledImages, resize_pair
+from .core import Config, FiniteGuard, RunDir, default_device, fingerprint, load_state_dict_checked, step_seed
+from .datasets import BatchSource, LabelledImages, check_classes, resize_pair
 from .generators import FeatureGenerator
 from .annotator import PixelMLPAnnotator
 from .gradmatch import GradientMatchingLoss, segmentation_loss
@@ -166,6 +166,14 @@ def evaluate_run(generator, annotator, segmenter, config: GMConfig, val: Labelle
 # %% ../nbs/09_train.ipynb #f9bb6208
 _RESTARTABLE = {"steps", "eval_every", "checkpoint_every", "log_every"}  # may change between a run and its resume
 
+def _resume(state: dict | None, run: RunDir, annotator, segmenter, opt_a, opt_s) -> int:
+    "Load a checkpointed state into both networks and optimisers; the step to continue after (0: a fresh run)."
+    if state is None: return 0
+    for net, key in [(annotator, "annotator"), (segmenter, "segmenter")]:
+        load_state_dict_checked(net, state[key], f"{key} in {run.checkpoints[0]}")
+    opt_a.load_state_dict(state["opt_annotator"]); opt_s.load_state_dict(state["opt_segmenter"])
+    return state["step"]
+
 def train_gradient_matching(generator: FeatureGenerator, annotator: nn.Module, segmenter: nn.Module,
                             labelled: LabelledImages | BatchSource, config: GMConfig | None = None, *,
                             val: LabelledImages | None = None, annotator_val: tuple | None = None,
@@ -174,6 +182,7 @@ def train_gradient_matching(generator: FeatureGenerator, annotator: nn.Module, s
     "Algorithm 1 of the paper: learn `annotator` by gradient matching while `segmenter` trains on its labels."
     cfg, device = config or GMConfig(), default_device(device)
     check_segmenter_state(cfg, segmenter)
+    check_classes(labelled=None if callable(labelled) else labelled, annotator=annotator, segmenter=segmenter, val=val)
     generator.to(device); annotator.to(device); segmenter.to(device)
     gm = GradientMatchingLoss(segmenter, cfg.match, cfg.convention)
     opt_a = make_optimizer(annotator.parameters(), cfg.annotator_optimizer, cfg.annotator_lr, cfg.annotator_momentum)
@@ -181,13 +190,9 @@ def train_gradient_matching(generator: FeatureGenerator, annotator: nn.Module, s
     data = {"generator": fingerprint(generator),
             "labelled": "batch source" if callable(labelled) else fingerprint(labelled)}
     run = RunDir(out_dir, "gm_run", {**cfg.to_dict(), **data}, _RESTARTABLE, defaults=type(cfg)().to_dict())
-    state, start = run.start(resume, overwrite, map_location=device), 0
-    if state:
-        for net, key in [(annotator, "annotator"), (segmenter, "segmenter")]:
-            load_state_dict_checked(net, state[key], f"{key} in {run.checkpoints[0]}")
-        opt_a.load_state_dict(state["opt_annotator"]); opt_s.load_state_dict(state["opt_segmenter"])
-        start = state["step"]
+    start = _resume(run.start(resume, overwrite, map_location=device), run, annotator, segmenter, opt_a, opt_s)
     elapsed0, t0 = max([r["time"] for r in run.history if "time" in r], default=0.0), time.perf_counter()
+    guard = FiniteGuard("gradient matching")
     bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, disable=not progress,
                desc="gradient matching")
     for t in bar:                                                                    # line 1
@@ -195,6 +200,8 @@ def train_gradient_matching(generator: FeatureGenerator, annotator: nn.Module, s
         loss = annotator_step(gm, generator, annotator, opt_a, labelled, cfg, t, device)           # lines 2-7
         seg_loss = update_segmenter(generator, annotator, segmenter, opt_s, cfg, t)                 # lines 8-12
         elapsed = elapsed0 + time.perf_counter() - t0
+        guard.watch(loss, seg_loss)
+        if t % cfg.log_every == 0 or t % cfg.checkpoint_every == 0 or t == cfg.steps: guard.check(t)
         if t % cfg.log_every == 0 or t == cfg.steps:
             run.record({"step": t, "gm_loss": loss.item(), "seg_loss": None if seg_loss is None else seg_loss.item(),
                         "time": elapsed})
@@ -213,6 +220,10 @@ def fit_annotator(generator: FeatureGenerator, annotator: nn.Module, z: torch.Te
                   seed: int = 0, progress: bool = True) -> nn.Module:
     "Fit `annotator` to `labels` (hard [N,H,W] or soft [N,C,H,W]) of the images generated from latents `z`."
     if len(z) != len(labels): raise ValueError(f"{len(z)} latents but {len(labels)} label maps")
+    n_labels = labels.shape[1] if labels.dtype.is_floating_point else int(labels[labels != 255].max()) + 1
+    if n_labels > annotator.n_classes or (labels.dtype.is_floating_point and n_labels != annotator.n_classes):
+        raise ValueError(f"the labels have {n_labels} classes but the annotator {annotator.n_classes}; "
+                         "build the annotator with the labels' n_classes")
     device = generator.device
     annotator.to(device).train()
     feats = [generator.sample(z=z[i:i+batch_size])[1] for i in range(0, len(z), batch_size)]

@@ -57,3 +57,20 @@ def test_best_validation_weights_are_restored():
 def test_unknown_optimizer():
     with pytest.raises(ValueError, match="optimizer"):
         train_segmenter(UNet(3, width=4), lambda t: None, 1, optimizer="lbfgs", progress=False)
+
+
+def test_nan_batch_stops_training_before_the_checkpoint(tmp_path):
+    from lagm_nb.core import load_checkpoint
+    data = LabelledImages(torch.rand(4, 3, 16, 16) * 2 - 1, torch.randint(0, 3, (4, 16, 16)), 3)
+    def batches(t):
+        x, y = data.images[:2], data.masks[:2]
+        return (x * float("nan") if t == 3 else x), y
+    with pytest.raises(FloatingPointError, match="between steps 3 and 4"):
+        train_segmenter(UNet(3, width=4), batches, 6, checkpoint_every=2, out_dir=tmp_path, progress=False)
+    assert load_checkpoint(tmp_path / "checkpoint.pt", "segmenter_run")["step"] == 2
+
+
+def test_class_counts_must_agree():
+    data = LabelledImages(torch.rand(4, 3, 16, 16) * 2 - 1, torch.randint(0, 3, (4, 16, 16)), 3)
+    with pytest.raises(ValueError, match="the segmenter 5, the val 3"):
+        train_segmenter(UNet(5, width=4), labelled_batches(data), 2, val=data, progress=False)

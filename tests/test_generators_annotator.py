@@ -63,3 +63,8 @@ def test_pixel_mlp_chunking_does_not_change_output():
     big = M(h)
     M.chunk = 37
     assert torch.allclose(big, M(h), atol=1e-6)
+
+
+def test_wrong_z_dim_names_z_dim():
+    from lagm_nb.generators import DCGAN
+    with pytest.raises(ValueError, match=r"check z_dim=10"): HookedGenerator(DCGAN(16, 8, n_up=3), r"relu\d+", 10)
