@@ -64,6 +64,11 @@ def load_faces64(generator: str, split: str, G: FeatureGenerator | None = None, 
     return data, z.cpu()
 
 # %% ../../nbs/bench/04_faces64.ipynb #fa640006
+def _unlabelled_faces(G: FeatureGenerator, n: int, batch_size: int = 100) -> torch.Tensor:
+    "`n` CelebA-generator faces from seeds that no faces64 split uses (the splits' seeds are all below 200,000)."
+    z = latents_for_seeds(G, range(10_000_000, 10_000_000 + n))
+    return torch.cat([G.sample(z=zb)[0].cpu() for zb in z.split(batch_size)])
+
 def faces64_benchmark(n_val: int | None = None, n_test: int | None = None, device=None) -> Benchmark:
     "faces64: CelebA- and DigiFace-generator labelled pools and validation faces, CelebA-generator test faces."
     G = face_generator("celeba", device)
@@ -79,4 +84,4 @@ def faces64_benchmark(n_val: int | None = None, n_test: int | None = None, devic
                      vals={"celeba": val, "digiface": val_foreign}, test=test, generators=generator,
                      generator_names=["celeba"], sources={"": "celeba", "foreign": "digiface"},
                      pool_latents={"celeba": z_pool}, annotator_val=(z_val, val.masks),
-                     annotator_test=(z_test, test.masks))
+                     annotator_test=(z_test, test.masks), unlabelled=lambda n: _unlabelled_faces(G, n))

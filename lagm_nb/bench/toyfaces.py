@@ -402,4 +402,5 @@ def toyfaces_benchmark(gan_dir: str | Path | None = None, pool_size: int = 1000,
                      generator_names=names,
                      sources={"": "photo", "photo": "photo", "render": "render"},
                      oracle_data=lambda n: render_toyfaces_uint8(toyface_split("pool", n), "photo"),
+                     unlabelled=lambda n: render_toyfaces(toyface_split("gan_train", n))[0].cpu(),
                      info={"snapshots": snapshots, "gan_dir": gan_dir})
