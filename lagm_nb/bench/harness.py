@@ -190,7 +190,7 @@ class Benchmark:
     annotator_val: tuple[torch.Tensor, torch.Tensor] | None = None
     annotator_test: tuple[torch.Tensor, torch.Tensor] | None = None
     oracle_data: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None   # n -> uint8 images, masks
-    unlabelled: Callable[[int], torch.Tensor] | None = None   # n -> unlabelled images of the test domain (SSL baselines)
+    unlabelled: Callable[[int], torch.Tensor] | None = None    # n -> unlabelled test-domain images (SSL baselines)
     info: dict = dataclasses.field(default_factory=dict)                           # anything else a notebook may show
 
     @property
