@@ -12,7 +12,7 @@ from torch import nn
 import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['segmentation_loss', 'select_parameters', 'gradient_distance', 'GradientMatchingLoss']
+__all__ = ['CONVENTIONS', 'segmentation_loss', 'select_parameters', 'row_cosine', 'gradient_distance', 'GradientMatchingLoss']
 
 # %% ../nbs/08_gradmatch.ipynb #b3f6b874
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
@@ -41,8 +41,15 @@ def select_parameters(model: nn.Module, match: str | Sequence[str] = "all") -> l
     return [(n, p) for n, p in params.items() if n in picked]
 
 # %% ../nbs/08_gradmatch.ipynb #ff119534
+def row_cosine(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-6, cosine: str = "paper") -> torch.Tensor:
+    """Cosine of each row pair of two [N, D] tensors: `"paper"` adds eps to the product of the norms, `"torch"` is
+    `F.cosine_similarity` (each norm clamped to at least eps, the authors' code)."""
+    if cosine == "torch": return F.cosine_similarity(a, b, dim=1, eps=eps)
+    if cosine == "paper": return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1) + eps)
+    raise ValueError(f"cosine must be 'paper' or 'torch', not {cosine!r}")
+
 def gradient_distance(target: Sequence[torch.Tensor], generated: Sequence[torch.Tensor], row_reduction: str = "sum",
-                      n_tensors: int | None = None, eps: float = 1e-6) -> torch.Tensor:
+                      n_tensors: int | None = None, eps: float = 1e-6, cosine: str = "paper") -> torch.Tensor:
     "Layer-averaged row-wise cosine distance between two lists of gradient tensors; 1-D tensors contribute 0."
     if len(target) != len(generated): raise ValueError(f"{len(target)} target vs {len(generated)} generated gradients")
     if row_reduction not in ("sum", "mean"):
@@ -51,26 +58,32 @@ def gradient_distance(target: Sequence[torch.Tensor], generated: Sequence[torch.
     for a, b in zip(target, generated):
         if a.shape != b.shape: raise ValueError(f"gradient shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
         if a.ndim < 2: continue
-        a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)
-        rows = 1 - (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1) + eps)
+        rows = 1 - row_cosine(a.reshape(len(a), -1), b.reshape(len(b), -1), eps, cosine)
         total = total + (rows.sum() if row_reduction == "sum" else rows.mean())
         matched += 1
     if matched == 0: raise ValueError("no gradient tensor with 2 or more dimensions to match")
     return total / (n_tensors or matched)
 
 # %% ../nbs/08_gradmatch.ipynb #0d850e38
+CONVENTIONS = {  # name: (reduction over a tensor's rows, cosine, divide by all selected tensors including 1-D ones)
+    "paper": ("sum", "paper", False),          # Eq. 12 as printed, averaged over the matched tensors (Appendix B)
+    "authors": ("mean", "torch", True),        # the authors' code with its default reduction
+    "authors_sum": ("sum", "torch", True),     # the authors' code with reduction="sum"
+}
+
 class GradientMatchingLoss:
     "Eq. 11-12 for a segmenter: `gradients(x, y)` on each side, then `loss(target_grads, generated_grads)`."
     def __init__(self, segmenter: nn.Module, match: str | Sequence[str] = "all", convention: str = "paper",
                  eps: float = 1e-6):
-        if convention not in ("paper", "authors"):
-            raise ValueError(f"convention must be 'paper' or 'authors', not {convention!r}")
+        if convention not in CONVENTIONS:
+            raise ValueError(f"convention must be one of {sorted(CONVENTIONS)}, not {convention!r}")
         selected = select_parameters(segmenter, match)
         self.segmenter, self.eps, self.convention = segmenter, eps, convention
+        self.row_reduction, self.cosine, count_all = CONVENTIONS[convention]
         self.names = [n for n, p in selected if p.ndim >= 2]
         self.params = [p for _, p in selected if p.ndim >= 2]
         if not self.params: raise ValueError(f"match={match!r} selects no weight with 2 or more dimensions")
-        self.n_tensors = len(selected) if convention == "authors" else len(self.params)
+        self.n_tensors = len(selected) if count_all else len(self.params)
 
     def gradients(self, images: torch.Tensor, labels: torch.Tensor, create_graph: bool = False) -> list[torch.Tensor]:
         "Gradients of the segmentation loss on (images, labels) for the matched parameters."
@@ -82,5 +95,4 @@ class GradientMatchingLoss:
         return grads if create_graph else [g.detach() for g in grads]
 
     def __call__(self, target: Sequence[torch.Tensor], generated: Sequence[torch.Tensor]) -> torch.Tensor:
-        return gradient_distance(target, generated, "sum" if self.convention == "paper" else "mean",
-                                 self.n_tensors, self.eps)
+        return gradient_distance(target, generated, self.row_reduction, self.n_tensors, self.eps, self.cosine)

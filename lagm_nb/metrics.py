@@ -12,16 +12,20 @@ __all__ = ['confusion_matrix', 'iou_per_class', 'miou', 'fg_miou', 'pixel_accura
            'cross_validation_miou']
 
 # %% ../nbs/01_metrics.ipynb #442f255a
-def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, n_classes: int, ignore_index: int = 255) -> torch.Tensor:
-    "Confusion matrix [n_classes, n_classes] (rows: truth, columns: prediction) of integer label maps of equal shape."
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, n_classes: int,
+                     ignore_index: int | None = 255) -> torch.Tensor:
+    """Confusion matrix [n_classes, n_classes] (rows: truth, columns: prediction) of integer label maps of equal shape.
+    Labels equal to `ignore_index` are left out; `ignore_index=None` leaves out all labels >= n_classes (the
+    authors' rule)."""
     if pred.shape != target.shape:
         raise ValueError(f"prediction shape {tuple(pred.shape)} differs from label shape {tuple(target.shape)}")
     pred, target = pred.reshape(-1).long(), target.reshape(-1).long()
-    keep = target != ignore_index
+    keep = target < n_classes if ignore_index is None else target != ignore_index
     pred, target = pred[keep], target[keep]
+    allowed = "" if ignore_index is None else f" or equal ignore_index={ignore_index}"
     for name, x in (("label", target), ("prediction", pred)):
         if x.numel() and (x.min() < 0 or x.max() >= n_classes):
-            raise ValueError(f"{name} values must lie in [0, {n_classes}) or equal ignore_index={ignore_index}; "
+            raise ValueError(f"{name} values must lie in [0, {n_classes}){allowed}; "
                              f"found {sorted(set(x[(x < 0) | (x >= n_classes)].unique().tolist()))[:5]}")
     return torch.bincount(target * n_classes + pred, minlength=n_classes**2).reshape(n_classes, n_classes).cpu()
 
@@ -49,8 +53,9 @@ def pixel_accuracy(cm: torch.Tensor) -> float:
 # %% ../nbs/01_metrics.ipynb #aa45bb9c
 @torch.no_grad()
 def evaluate_segmenter(model: torch.nn.Module, images: torch.Tensor, masks: torch.Tensor, n_classes: int,
-                       batch_size: int = 16, ignore_index: int = 255) -> torch.Tensor:
-    "Confusion matrix of `model`'s argmax predictions on `images` [N,3,H,W] against `masks` [N,H,W]."
+                       batch_size: int = 16, ignore_index: int | None = 255) -> torch.Tensor:
+    """Confusion matrix of `model`'s argmax predictions on `images` [N,3,H,W] against `masks` [N,H,W];
+    `ignore_index` as in `confusion_matrix` (None: ignore all labels >= n_classes)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -85,11 +90,11 @@ def cross_validation_miou(image_names: list[str], per_image_cm: dict[str, torch.
     for i in range(n_folds):
         val = order[i*fold:(i+1)*fold]
         test = order[:i*fold] + order[(i+1)*fold:]
-        best, best_val = None, -1.0
+        best, best_val = None, 0.0                    # strict >: a fold where all score 0 picks none and scores 0
         for ck in checkpoints:
             v = miou(per_image_cm[ck][val].sum(0))
             if v > best_val: best, best_val = ck, v
         picked.append(best)
-        results.append(miou(per_image_cm[best][test].sum(0)))
+        results.append(0.0 if best is None else miou(per_image_cm[best][test].sum(0)))
     return {"miou": 100*float(np.mean(results)), "std": 100*float(np.std(results)), "fold_miou": results,
             "picked": picked}

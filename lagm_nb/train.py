@@ -19,9 +19,9 @@ from .gradmatch import GradientMatchingLoss, segmentation_loss
 from .metrics import confusion_matrix, evaluate_segmenter, scores
 
 # %% auto #0
-__all__ = ['PRESETS', 'SEGMENTER_STATES', 'GMConfig', 'evaluate_annotator', 'labelled_batch', 'annotate', 'annotator_step',
-           'segmenter_step', 'check_segmenter_state', 'update_segmenter', 'GMResult', 'make_optimizer', 'evaluate_run',
-           'train_gradient_matching', 'fit_annotator']
+__all__ = ['PRESETS', 'SEGMENTER_STATES', 'GMConfig', 'evaluate_annotator', 'labelled_batch', 'annotate', 'update_annotator',
+           'annotator_step', 'segmenter_step', 'check_segmenter_state', 'update_segmenter', 'GMResult',
+           'make_optimizer', 'evaluate_run', 'train_gradient_matching', 'fit_annotator']
 
 # %% ../nbs/09_train.ipynb #2f4cb78e
 PRESETS: dict[str, dict] = {"paper": {}}
@@ -41,7 +41,7 @@ class GMConfig(Config):
     segmenter_lr: float = 1e-3
     segmenter_momentum: float = 0.9
     match: str | list = "all"             # parameter groups or regexes of the segmenter to match
-    convention: str = "paper"             # "paper" (Eq. 12 as printed) or "authors" (their code's reductions)
+    convention: str = "paper"             # "paper" (Eq. 12 as printed), "authors" or "authors_sum" (their code)
     segmenter_size: int | None = None     # resize generated and labelled images to this size for the segmenter
     resize_mode: str = "nearest"
     eval_every: int = 4000
@@ -88,6 +88,13 @@ def annotate(annotator: nn.Module, features: list[torch.Tensor], graph: bool) ->
     return q
 
 # %% ../nbs/09_train.ipynb #a1g0r003
+def update_annotator(loss: torch.Tensor, annotator: nn.Module, optimizer: torch.optim.Optimizer):
+    "One optimiser step of the annotator on `loss`, with NaN and infinite gradient entries zeroed."
+    params = list(annotator.parameters())
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    for p, g in zip(params, grads): p.grad = None if g is None else torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
+    optimizer.step()
+
 def annotator_step(gm: GradientMatchingLoss, generator: FeatureGenerator, annotator: nn.Module,
                    optimizer: torch.optim.Optimizer, labelled, config: GMConfig, step: int, device) -> torch.Tensor:
     "Algorithm 1, lines 2-7: one annotator update on the matching loss; returns the loss (detached)."
@@ -96,10 +103,7 @@ def annotator_step(gm: GradientMatchingLoss, generator: FeatureGenerator, annota
     x, h = generator.sample(config.batch_size, seed=step_seed(config.seed, step, "match"))          # line 4
     x, q = resize_pair(x, annotate(annotator, h, graph=True), config.segmenter_size, config.resize_mode)
     loss = gm(target, gm.gradients(x, q, create_graph=True))                        # lines 5-6
-    params = list(annotator.parameters())
-    grads = torch.autograd.grad(loss, params, allow_unused=True)
-    for p, g in zip(params, grads): p.grad = None if g is None else torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
-    optimizer.step()                                                                 # line 7
+    update_annotator(loss, annotator, optimizer)                                     # line 7
     return loss.detach()
 
 # %% ../nbs/09_train.ipynb #a1g0r005

@@ -1,11 +1,12 @@
 import pytest
 import torch
 from torch import nn
+import torch.nn.functional as F
 
 from lagm_nb.annotator import FPNAnnotator
 from lagm_nb.testing import TeacherLabeller, tiny_generator
 from lagm_nb.core import CheckpointError
-from lagm_nb.gradmatch import GradientMatchingLoss, gradient_distance
+from lagm_nb.gradmatch import GradientMatchingLoss, gradient_distance, row_cosine
 from lagm_nb.segmenters import UNet
 from lagm_nb.datasets import LabelledImages
 from lagm_nb.train import GMConfig, train_gradient_matching
@@ -29,6 +30,32 @@ def test_conventions_weight_layers_differently():
     b = [torch.tensor([[0., 1], [1, 0], [1, 0], [1, 0]]), torch.tensor([[0., 1]]), torch.ones(3)]
     assert gradient_distance(a, b, "sum") == pytest.approx((1 + 1) / 2, abs=1e-5)
     assert gradient_distance(a, b, "mean", n_tensors=3) == pytest.approx((0.25 + 1) / 3, abs=1e-5)
+
+
+def test_authors_cosine_clamps_each_norm():
+    # row 0: norms 1e-7 < eps, clamped to eps each: cos = 1e-14 / 1e-12 = 0.01 (eps added to the product: ~1e-8)
+    # row 1: norms 5e-4 > eps, product 2.5e-7: clamping leaves cos = 24/25; eps added to the product gives 0.192
+    a = torch.tensor([[1e-7, 0], [3e-4, 4e-4]], dtype=torch.double)
+    b = torch.tensor([[1e-7, 0], [4e-4, 3e-4]], dtype=torch.double)
+    cos = F.cosine_similarity(a, b, dim=1, eps=1e-6)
+    assert cos.tolist() == pytest.approx([0.01, 0.96], rel=1e-12)
+    assert torch.equal(row_cosine(a, b, 1e-6, "torch"), cos)
+    assert row_cosine(a, b).tolist() == pytest.approx([1e-14 / (1e-14 + 1e-6), 0.192], rel=1e-9)
+    lin = nn.Linear(2, 2).double()    # a weight and a bias: the authors divide by both tensors
+    rows = 1 - cos                    # distances 0.99 and 0.04
+    expect = {"authors": rows.mean().item() / 2, "authors_sum": rows.sum().item() / 2,
+              "paper": (1 - row_cosine(a, b)).sum().item()}
+    assert expect["authors"] == pytest.approx(0.2575) and expect["authors_sum"] == pytest.approx(0.515)
+    for convention, value in expect.items():
+        assert GradientMatchingLoss(lin, convention=convention)([a], [b]).item() == pytest.approx(value, rel=1e-12)
+
+
+def test_authors_convention_has_torchs_gradient():
+    a = torch.tensor([[2e-7, 1e-7], [3e-4, 4e-4]], dtype=torch.double)
+    b = torch.tensor([[1e-7, 3e-7], [4e-4, -3e-4]], dtype=torch.double, requires_grad=True)
+    ours = torch.autograd.grad(GradientMatchingLoss(nn.Linear(2, 2), convention="authors")([a], [b]), b)[0]
+    theirs = torch.autograd.grad((1 - F.cosine_similarity(a, b, dim=1, eps=1e-6)).mean() / 2, b)[0]
+    assert torch.equal(ours, theirs)
 
 
 def test_head_only_matching_of_unet():
