@@ -269,6 +269,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                               'lagm_nb.core.fingerprint': ('core.html#fingerprint', 'lagm_nb/core.py'),
                               'lagm_nb.core.load_checkpoint': ('core.html#load_checkpoint', 'lagm_nb/core.py'),
                               'lagm_nb.core.load_state_dict_checked': ('core.html#load_state_dict_checked', 'lagm_nb/core.py'),
+                              'lagm_nb.core.notify': ('core.html#notify', 'lagm_nb/core.py'),
                               'lagm_nb.core.save_checkpoint': ('core.html#save_checkpoint', 'lagm_nb/core.py'),
                               'lagm_nb.core.seed_everything': ('core.html#seed_everything', 'lagm_nb/core.py'),
                               'lagm_nb.core.step_seed': ('core.html#step_seed', 'lagm_nb/core.py'),

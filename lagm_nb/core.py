@@ -14,7 +14,7 @@ from torch import nn
 
 # %% auto #0
 __all__ = ['default_device', 'seed_everything', 'step_seed', 'CheckpointError', 'save_checkpoint', 'load_checkpoint',
-           'load_state_dict_checked', 'write_text_atomic', 'write_jsonl', 'Config', 'RunDir', 'FiniteGuard',
+           'load_state_dict_checked', 'write_text_atomic', 'write_jsonl', 'Config', 'RunDir', 'FiniteGuard', 'notify',
            'fingerprint']
 
 # %% ../nbs/00_core.ipynb #08f31717
@@ -238,6 +238,15 @@ class FiniteGuard:
                                      "intact). Look for NaN or infinite inputs, or lower the learning rates, then "
                                      "resume")
         self.ok, self.since = None, step + 1
+
+# %% ../nbs/00_core.ipynb #5e1a0c11
+def notify(callbacks: list, kind: str, record: dict, **objects):
+    "Call each of `callbacks` with `{'kind', 'record', **objects}`; a failing callback is warned about and removed."
+    for cb in list(callbacks):
+        try: cb({"kind": kind, "record": record, **objects})
+        except Exception as e:   # a broken display must not end a training run
+            warnings.warn(f"callback {getattr(cb, '__name__', cb)!r} failed ({type(e).__name__}: {e}); it is dropped")
+            if isinstance(callbacks, list): callbacks.remove(cb)
 
 # %% ../nbs/00_core.ipynb #1a0c926d
 def fingerprint(*things) -> str:

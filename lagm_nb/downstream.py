@@ -11,7 +11,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from .core import FiniteGuard, RunDir, default_device, fingerprint, load_state_dict_checked, step_seed
+from .core import FiniteGuard, RunDir, default_device, fingerprint, load_state_dict_checked, notify, step_seed
 from .datasets import BatchSource, LabelledImages, check_classes
 from .generators import FeatureGenerator
 from .gradmatch import segmentation_loss
@@ -92,7 +92,7 @@ def train_segmenter(segmenter: nn.Module, batches: BatchSource, steps: int, *, l
                     optimizer: str = "adam", val: LabelledImages | None = None, eval_every: int = 200,
                     out_dir: str | Path | None = None, checkpoint_every: int = 500, resume: bool = False,
                     overwrite: bool = False, data: str = "", seed: int = 0, device=None, progress: bool = True,
-                    desc: str = "segmenter") -> SegmenterRun:
+                    desc: str = "segmenter", callbacks: list = ()) -> SegmenterRun:
     "Train `segmenter` on `batches(step)` for `steps` steps; keep the weights with the best validation mIoU."
     device = default_device(device)
     check_classes(segmenter=segmenter, val=val)
@@ -119,10 +119,12 @@ def train_segmenter(segmenter: nn.Module, batches: BatchSource, steps: int, *, l
         if t % 50 == 0 or t % checkpoint_every == 0 or t == steps: guard.check(t)
         if t % 50 == 0 or t == steps:
             run.record({"step": t, "loss": loss.item()}); bar.set_postfix(loss=f"{loss.item():.3f}")
+            notify(callbacks, "log", run.history[-1], segmenter=segmenter)
         if val is not None and (t % eval_every == 0 or t == steps):
             s = scores(evaluate_segmenter(segmenter, val.images, val.masks, val.n_classes))
             run.record({"step": t, **{f"val_{k}": v for k, v in s.items()}})
             best = _best_if_better(best, segmenter, t, s["miou"])
+            notify(callbacks, "eval", run.history[-1], segmenter=segmenter)
         if t % checkpoint_every == 0 or t == steps:
             run.save({"step": t, "segmenter": segmenter.state_dict(), "optimizer": opt.state_dict(),
                       "best": list(best)})

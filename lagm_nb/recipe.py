@@ -113,7 +113,7 @@ def _pretrain(segmenter, labelled, cfg: RecipeConfig, val, pre_dir, device, prog
 def learn_annotator(generator: FeatureGenerator, annotator: nn.Module, segmenter: nn.Module,
                     labelled: LabelledImages, config: RecipeConfig | None = None, *, val: LabelledImages | None = None,
                     annotator_val: tuple[torch.Tensor, torch.Tensor] | None = None, cache_dir: str | Path | None = None,
-                    device=None, progress: bool = True) -> RecipeResult:
+                    device=None, progress: bool = True, callbacks: list = ()) -> RecipeResult:
     "Learn `annotator` from `labelled` with a recipe: pre-train `segmenter`, warm-start the annotator, then match."
     device = default_device(device)
     cfg = config or default_recipe(device)
@@ -145,6 +145,6 @@ def learn_annotator(generator: FeatureGenerator, annotator: nn.Module, segmenter
     match_dir = cache / f"match-{key_match}" if cache else None
     res = train_gradient_matching(generator, annotator, segmenter, target, cfg.matching(), val=val,
                                   annotator_val=annotator_val, out_dir=match_dir, resume=match_dir is not None,
-                                  device=device, progress=progress)
+                                  device=device, progress=progress, callbacks=callbacks)
     minutes["match"] = max([r["time"] for r in res.history if "time" in r], default=0.0) / 60
     return RecipeResult(res.annotator.eval(), res.segmenter, res.history, minutes, cfg, match_dir)

@@ -6,12 +6,14 @@ annotated generated images; and fitting an annotator directly to labels (Eq. 3).
 # %% ../nbs/09_train.ipynb #327a8342
 from __future__ import annotations
 import dataclasses, time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import ClassVar
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from .core import Config, FiniteGuard, RunDir, default_device, fingerprint, load_state_dict_checked, step_seed
+from .core import (Config, FiniteGuard, RunDir, default_device, fingerprint, load_state_dict_checked, notify,
+                          step_seed)
 from .datasets import BatchSource, LabelledImages, check_classes, resize_pair
 from .generators import FeatureGenerator
 from .annotator import PixelMLPAnnotator
@@ -182,7 +184,7 @@ def train_gradient_matching(generator: FeatureGenerator, annotator: nn.Module, s
                             labelled: LabelledImages | BatchSource, config: GMConfig | None = None, *,
                             val: LabelledImages | None = None, annotator_val: tuple | None = None,
                             out_dir: str | Path | None = None, resume: bool = False, overwrite: bool = False,
-                            device=None, progress: bool = True) -> GMResult:
+                            device=None, progress: bool = True, callbacks: Sequence[Callable] = ()) -> GMResult:
     "Algorithm 1 of the paper: learn `annotator` by gradient matching while `segmenter` trains on its labels."
     cfg, device = config or GMConfig(), default_device(device)
     check_segmenter_state(cfg, segmenter)
@@ -210,9 +212,11 @@ def train_gradient_matching(generator: FeatureGenerator, annotator: nn.Module, s
             run.record({"step": t, "gm_loss": loss.item(), "seg_loss": None if seg_loss is None else seg_loss.item(),
                         "time": elapsed})
             bar.set_postfix(gm_loss=f"{loss.item():.3f}")
+            notify(callbacks, "log", run.history[-1], generator=generator, annotator=annotator, segmenter=segmenter)
         if (t % cfg.eval_every == 0 or t == cfg.steps) and (val is not None or annotator_val is not None):
             scored = evaluate_run(generator, annotator, segmenter, cfg, val, annotator_val)
             run.record({"step": t, "time": elapsed, **scored})
+            notify(callbacks, "eval", run.history[-1], generator=generator, annotator=annotator, segmenter=segmenter)
         if t % cfg.checkpoint_every == 0 or t == cfg.steps:
             run.save({"step": t, "annotator": annotator.state_dict(), "segmenter": segmenter.state_dict(),
                       "opt_annotator": opt_a.state_dict(), "opt_segmenter": opt_s.state_dict()})

@@ -148,3 +148,16 @@ def test_resuming_a_checkpoint_from_before_a_setting_existed(setup, tmp_path):
     save_checkpoint(ck, tmp_path / "checkpoint.pt", "gm_run")
     res = train_gradient_matching(G, *_nets(G), lab, cfg.replace(steps=3), out_dir=tmp_path, resume=True, progress=False)
     assert res.history[-1]["step"] == 3
+
+
+def test_callbacks_see_every_record_and_change_nothing(setup):
+    G, lab = setup
+    cfg = GMConfig(steps=4, log_every=2, eval_every=2)
+    events = []
+    def draw(event):   # what a dashboard does: label fixed latents with the annotator
+        with torch.no_grad(): event["annotator"].eval()(event["generator"].sample(2, seed=9)[1])
+        events.append((event["kind"], event["record"]["step"]))
+    watched = train_gradient_matching(G, *_nets(G), lab, cfg, val=lab, callbacks=[draw], progress=False)
+    plain = train_gradient_matching(G, *_nets(G), lab, cfg, val=lab, progress=False)
+    assert events == [("log", 2), ("eval", 2), ("log", 4), ("eval", 4)]
+    assert all(torch.equal(a, b) for a, b in zip(watched.annotator.state_dict().values(), plain.annotator.state_dict().values()))
