@@ -73,3 +73,11 @@ def test_learn_annotator_reuses_cached_stages(tmp_path):
     _, _, A3, S3 = _setup()
     learn_annotator(G, A3, S3, data.subset(range(4, 8)), cfg, cache_dir=tmp_path, progress=False)
     assert len(list(tmp_path.glob("warm-*.pt"))) == 2
+
+
+def test_learn_annotator_runs_without_a_cache_dir():
+    G, data, A, S = _setup()
+    cfg = RecipeConfig.preset("cpu", pretrain_steps=2, warm_start_images=4, warm_start_steps=2, steps=2, seed=1)
+    w0 = S.outc.conv.weight.detach().clone()
+    res = learn_annotator(G, A, S, data.subset(range(4)), cfg, progress=False)
+    assert res.match_dir is None and not torch.equal(w0, res.segmenter.outc.conv.weight)
