@@ -34,6 +34,8 @@ class FPNAnnotator(nn.Module):
         self.feature_shapes = [tuple(s) for s in feature_shapes]
         self.n_classes = n_classes
         self.image_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        self.init_kwargs = dict(feature_shapes=[list(s) for s in self.feature_shapes], n_classes=n_classes,
+                                image_size=list(self.image_size), width=width)
         self.order = sorted(range(len(feature_shapes)), key=lambda i: feature_shapes[i][1] * feature_shapes[i][2])
         self.lateral = nn.ModuleList([nn.Conv2d(s[0], width, 1) for s in self.feature_shapes])
         self.head = nn.Sequential(
@@ -69,6 +71,8 @@ class PixelMLPAnnotator(nn.Module):
         self.feature_shapes = [tuple(s) for s in feature_shapes]
         self.n_classes, self.chunk = n_classes, chunk
         self.image_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        self.init_kwargs = dict(feature_shapes=[list(s) for s in self.feature_shapes], n_classes=n_classes,
+                                image_size=list(self.image_size), n_members=n_members, chunk=chunk, seed=seed)
         d = sum(s[0] for s in self.feature_shapes)
         h1, h2 = (128, 32) if n_classes < 32 else (256, 128)
         def mlp():

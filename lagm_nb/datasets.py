@@ -5,13 +5,38 @@ images together with their labels."""
 
 # %% ../nbs/02_datasets.ipynb #d5a7e003
 from __future__ import annotations
-import dataclasses
+import dataclasses, warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 # %% auto #0
-__all__ = ['BatchSource', 'LabelledImages', 'resize_pair', 'check_classes']
+__all__ = ['IMAGE_SUFFIXES', 'INDEX_MASK_MODES', 'BatchSource', 'check_image_values', 'LabelledImages', 'pair_by_stem',
+           'read_mask', 'merge_classes', 'labelled_images_from_folder', 'resize_pair', 'check_classes']
+
+# %% ../nbs/02_datasets.ipynb #c4eck001
+def check_image_values(images: torch.Tensor, name: Callable[[int], str], range_checked: bool = False):
+    "Refuse channel-last, non-RGB, non-finite or out-of-range images [N,3,H,W]; warn on images that look like [0, 1]."
+    shape = tuple(images.shape)
+    if shape[1] != 3 and shape[-1] == 3:
+        raise ValueError(f"images have shape {shape}: they look channel-last [N, H, W, 3], but LabelledImages takes "
+                         "[N, 3, H, W]; pass images.permute(0, 3, 1, 2)")
+    if shape[1] != 3:
+        raise ValueError(f"images have {shape[1]} channels (shape {shape}); LabelledImages takes RGB [N, 3, H, W]: "
+                         "repeat grey images with images.expand(-1, 3, -1, -1), drop alpha with images[:, :3]")
+    bad = (~torch.isfinite(images)).flatten(1).any(1).nonzero()[:, 0].tolist()
+    if bad: raise ValueError(f"{name(bad[0])} has NaN or infinite pixel values ({len(bad)} such images, indices "
+                             f"{bad[:5]}); fix or drop them")
+    if images.abs().max() > 1 + 1e-3:
+        raise ValueError(f"images must lie in [-1, 1], found values up to {images.abs().max().item():.1f} "
+                         "(from [0, 255] use x / 127.5 - 1)")
+    if not range_checked and len(images) > 1 and images.min() >= 0:
+        warnings.warn("images all lie in [0, 1], but LabelledImages expects [-1, 1]: convert [0, 1] images with "
+                      "images * 2 - 1, or pass range_checked=True if they are [-1, 1] images that are all non-negative",
+                      UserWarning, stacklevel=4)
 
 # %% ../nbs/02_datasets.ipynb #01bead99
 @dataclasses.dataclass
@@ -22,6 +47,8 @@ class LabelledImages:
     n_classes: int
     names: list[str] | None = None
     ignore_index: int = 255
+    class_names: list[str] | None = None
+    range_checked: bool = False       # True: images in [0, 1] are meant as [-1, 1] data, do not warn
 
     def __post_init__(self):
         n = len(self.images)
@@ -33,12 +60,12 @@ class LabelledImages:
         if len(self.masks) != n or (self.names is not None and len(self.names) != n):
             names = f" and {len(self.names)} names" if self.names else ""
             raise ValueError(f"{n} images but {len(self.masks)} masks{names}")
+        if self.class_names is not None and len(self.class_names) != self.n_classes:
+            raise ValueError(f"{len(self.class_names)} class_names for n_classes={self.n_classes}: give one per class")
+        check_image_values(self.images, name, self.range_checked)
         if self.images.shape[-2:] != self.masks.shape[-2:]:
             raise ValueError(f"images are {tuple(self.images.shape[-2:])} but masks {tuple(self.masks.shape[-2:])} "
                              f"(first: {name(0)}); resize masks with nearest interpolation to the image size")
-        if self.images.abs().max() > 1 + 1e-3:
-            raise ValueError(f"images must lie in [-1, 1], found values up to {self.images.abs().max().item():.1f} "
-                             "(from [0, 255] use x / 127.5 - 1)")
         self.masks = self.masks.long()
         bad = ((self.masks < 0) | (self.masks >= self.n_classes)) & (self.masks != self.ignore_index)
         if bad.any():
@@ -52,10 +79,131 @@ class LabelledImages:
         "What `lagm_nb.core.fingerprint` hashes: the data itself (names are for people, not part of the data)."
         return (self.images, self.masks, self.n_classes, self.ignore_index)
 
+    @classmethod
+    def from_folder(cls, images_dir: str | Path, masks_dir: str | Path, classes: Sequence[str] | int,
+                    size: int | tuple[int, int] | None = None, palette: Sequence[Sequence[int]] | None = None,
+                    merge: dict[int, int] | None = None, ignore_index: int = 255, strict: bool = True):
+        "Images (PNG/JPEG) and their masks (index PNGs, or colour PNGs with `palette`), paired by file stem."
+        return labelled_images_from_folder(images_dir, masks_dir, classes, size, palette, merge, ignore_index, strict)
+
     def subset(self, idx: Sequence[int]) -> "LabelledImages":
         idx = list(idx)
         return LabelledImages(self.images[idx], self.masks[idx], self.n_classes,
-                              [self.names[i] for i in idx] if self.names else None, self.ignore_index)
+                              [self.names[i] for i in idx] if self.names else None, self.ignore_index,
+                              self.class_names, range_checked=True)   # the whole set was checked already
+
+# %% ../nbs/02_datasets.ipynb #f01der02
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+INDEX_MASK_MODES = ("L", "P", "I", "I;16", "1")
+
+def _files_by_stem(folder: Path, what: str) -> dict[str, Path]:
+    "The image files of `folder` by stem; an error names a missing folder or two files sharing a stem."
+    if not folder.is_dir(): raise FileNotFoundError(f"{what} folder {folder} does not exist (or is not a folder)")
+    files = {}
+    for path in sorted(folder.iterdir()):
+        if path.suffix.lower() not in IMAGE_SUFFIXES: continue
+        if path.stem in files:
+            raise ValueError(f"{files[path.stem]} and {path} share the stem {path.stem!r}; keep one of them")
+        files[path.stem] = path
+    return files
+
+def pair_by_stem(images_dir: str | Path, masks_dir: str | Path, strict: bool = True) -> list[tuple[str, Path, Path]]:
+    "(stem, image file, mask file) of every image with a mask of the same stem, sorted by stem."
+    images, masks = _files_by_stem(Path(images_dir), "images"), _files_by_stem(Path(masks_dir), "masks")
+    not_png = [str(p) for p in masks.values() if p.suffix.lower() != ".png"]
+    if not_png: raise ValueError(f"masks must be PNG files (JPEG compression changes labels): {not_png[:5]}")
+    lonely = [str(images[s]) for s in images if s not in masks] + [str(masks[s]) for s in masks if s not in images]
+    if lonely:
+        msg = f"{len(lonely)} file(s) have no partner of the same stem: {lonely[:8]}{' ...' * (len(lonely) > 8)}"
+        if strict: raise ValueError(f"{msg}; add their partners or remove them, or pass strict=False to skip them")
+        warnings.warn(f"{msg}; skipped", UserWarning, stacklevel=3)
+    pairs = [(s, images[s], masks[s]) for s in sorted(images) if s in masks]
+    if not pairs: raise ValueError(f"no image in {images_dir} has a mask of the same stem in {masks_dir}")
+    return pairs
+
+# %% ../nbs/02_datasets.ipynb #f01der03
+def _open_image(path: Path) -> Image.Image:
+    try:
+        image = Image.open(path); image.load(); return image
+    except (OSError, ValueError) as e: raise ValueError(f"cannot read {path} ({type(e).__name__}: {e})") from e
+
+def _colour_codes(rgb: np.ndarray) -> np.ndarray: return rgb[..., 0] << 16 | rgb[..., 1] << 8 | rgb[..., 2]
+
+def read_mask(path: str | Path, palette: Sequence[Sequence[int]] | None = None) -> np.ndarray:
+    "Class indices [H, W] (int64) of a mask PNG: its values (mode L/P), or its colours looked up in `palette`."
+    image = _open_image(Path(path))
+    if palette is None:
+        if image.mode not in INDEX_MASK_MODES:
+            raise ValueError(f"mask {path} is a colour image (mode {image.mode}); pass palette=[(r, g, b), ...] (one "
+                             "colour per class) or save the masks as index PNGs (mode L or P, values = classes)")
+        return np.asarray(image).astype(np.int64)
+    codes = _colour_codes(np.asarray(image.convert("RGB")).astype(np.int64))
+    table = {int(c): i for i, c in enumerate(_colour_codes(np.asarray(palette, dtype=np.int64)))}
+    colours, inverse = np.unique(codes, return_inverse=True)
+    unknown = [int(c) for c in colours if int(c) not in table]
+    if unknown:
+        c = unknown[0]
+        raise ValueError(f"mask {path} has the colour {(c >> 16, c >> 8 & 255, c & 255)} ({int((codes == c).sum())} "
+                         f"pixels), which is not in the palette ({len(unknown)} unknown colour(s)); add it to the "
+                         "palette or fix the mask")
+    return np.array([table[int(c)] for c in colours])[inverse].reshape(codes.shape)
+
+# %% ../nbs/02_datasets.ipynb #f01der04
+def _check_palette_and_merge(palette, merge, n_classes: int, ignore_index: int):
+    if palette is not None:
+        p = np.asarray(palette)
+        if p.shape != (n_classes, 3) or p.min() < 0 or p.max() > 255:
+            raise ValueError(f"palette must hold one RGB triple (0-255) per class: {n_classes} x 3, got shape "
+                             f"{p.shape}")
+        if len(np.unique(_colour_codes(p.astype(np.int64)))) < n_classes:
+            raise ValueError("palette has the same colour for two classes; give each class its own colour")
+    for src, dst in (merge or {}).items():
+        if src < 0 or not (0 <= dst < n_classes or dst == ignore_index):
+            raise ValueError(f"merge maps {src} -> {dst}: sources must be >= 0 and targets in [0, {n_classes}) "
+                             f"or ignore_index {ignore_index}")
+
+def merge_classes(mask: np.ndarray, merge: dict[int, int]) -> np.ndarray:
+    "`mask` with every index `k` in `merge` replaced by `merge[k]`; other indices unchanged."
+    lut = np.arange(max(int(mask.max()), max(merge)) + 1)
+    for src, dst in merge.items(): lut[src] = dst
+    return lut[mask]
+
+def _resized(image: torch.Tensor, mask: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    "Image [3,H,W] (bilinear, antialiased) and mask [H,W] (nearest) at `size`."
+    if tuple(image.shape[-2:]) == size: return image, mask
+    image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+    return image, F.interpolate(mask[None, None].float(), size=size, mode="nearest-exact")[0, 0].long()
+
+# %% ../nbs/02_datasets.ipynb #f01der05
+def labelled_images_from_folder(images_dir: str | Path, masks_dir: str | Path, classes: Sequence[str] | int,
+                                size: int | tuple[int, int] | None = None, palette=None,
+                                merge: dict[int, int] | None = None, ignore_index: int = 255,
+                                strict: bool = True) -> LabelledImages:
+    "`LabelledImages.from_folder`: read, merge, check and resize every image-mask pair of the two folders."
+    class_names = None if isinstance(classes, int) else [str(c) for c in classes]
+    n_classes = classes if isinstance(classes, int) else len(class_names)
+    size = (size, size) if isinstance(size, int) else (None if size is None else tuple(size))
+    _check_palette_and_merge(palette, merge, n_classes, ignore_index)
+    images, masks, names = [], [], []
+    for stem, image_path, mask_path in pair_by_stem(images_dir, masks_dir, strict):
+        image = torch.from_numpy(np.asarray(_open_image(image_path).convert("RGB")).copy()).permute(2, 0, 1).float()
+        mask = read_mask(mask_path, palette)
+        if merge: mask = merge_classes(mask, merge)
+        if mask.shape != tuple(image.shape[-2:]):
+            raise ValueError(f"mask {mask_path} is {mask.shape[0]}x{mask.shape[1]} but its image {image_path} is "
+                             f"{image.shape[1]}x{image.shape[2]} (height x width); they must have one size")
+        bad = np.unique(mask[(mask >= n_classes) & (mask != ignore_index)])
+        if len(bad):
+            raise ValueError(f"mask {mask_path} has values {bad[:5].tolist()} outside [0, {n_classes}) (ignore_index "
+                             f"{ignore_index} is allowed); map them with merge= or check classes")
+        image, mask = _resized(image, torch.from_numpy(mask), size or tuple(image.shape[-2:]))
+        images.append(image); masks.append(mask); names.append(stem)
+    odd = next((i for i, x in enumerate(images) if x.shape != images[0].shape), None)
+    if odd is not None:
+        raise ValueError(f"images {names[0]} and {names[odd]} have different sizes ({tuple(images[0].shape[-2:])} "
+                         f"and {tuple(images[odd].shape[-2:])}); pass size=(h, w) to resize them all")
+    return LabelledImages((torch.stack(images) / 127.5 - 1).clamp(-1, 1), torch.stack(masks), n_classes, names,
+                          ignore_index, class_names, range_checked=True)
 
 # %% ../nbs/02_datasets.ipynb #c645123a
 def resize_pair(images: torch.Tensor, labels: torch.Tensor, size: int | None, mode: str = "nearest"):

@@ -18,7 +18,7 @@ from .gradmatch import segmentation_loss
 from .metrics import evaluate_segmenter, scores
 
 # %% auto #0
-__all__ = ['augment', 'labelled_batches', 'synthetic_batches', 'SegmenterRun', 'train_segmenter']
+__all__ = ['augment', 'labelled_batches', 'synthetic_batches', 'dataset_batches', 'SegmenterRun', 'train_segmenter']
 
 # %% ../nbs/10_downstream.ipynb #e59986e5
 def augment(images: torch.Tensor, masks: torch.Tensor, g: torch.Generator, flip: bool = True,
@@ -72,6 +72,16 @@ def synthetic_batches(generator: FeatureGenerator, annotator: nn.Module, n_image
         x, _ = generator.sample(z=pool[idx])
         q = labels[idx].to(x.device).float()
         return x, (q if soft else q.argmax(1))
+    return batch
+
+def dataset_batches(dataset: torch.utils.data.Dataset, batch_size: int = 8, seed: int = 0, device=None) -> BatchSource:
+    "Batches of `batch_size` random items (drawn with replacement) of a `Dataset` of (image, label) pairs."
+    if len(dataset) == 0: raise ValueError("the dataset is empty; export or add images to it first")
+    device = default_device(device)
+    def batch(step: int):
+        g = torch.Generator().manual_seed(step_seed(seed, step, "dataset"))
+        items = [dataset[i] for i in torch.randint(0, len(dataset), (batch_size,), generator=g).tolist()]
+        return tuple(torch.stack(parts).to(device) for parts in zip(*items))
     return batch
 
 # %% ../nbs/10_downstream.ipynb #1aeeb7cf

@@ -100,8 +100,8 @@ def _pretrain(segmenter, labelled, cfg: RecipeConfig, val, pre_dir, device, prog
     t0 = time.perf_counter()
     batches = labelled_batches(labelled, cfg.pretrain_batch_size, seed=cfg.seed, device=device)
     train_segmenter(segmenter, batches, cfg.pretrain_steps, lr=cfg.pretrain_lr, val=val,
-                    eval_every=max(1, cfg.pretrain_steps // 5), out_dir=pre_dir, resume=True, seed=cfg.seed,
-                    device=device, progress=progress, desc="pre-training segmenter")
+                    eval_every=max(1, cfg.pretrain_steps // 5), out_dir=pre_dir, resume=pre_dir is not None,
+                    seed=cfg.seed, device=device, progress=progress, desc="pre-training segmenter")
     keep_pretrained(segmenter, cfg.pretrain_keep, step_seed(cfg.seed, 0, "pretrain keep"))
     minutes = (time.perf_counter() - t0) / 60
     if pre_dir:     # a later recipe that loads this pre-training still reports what it cost

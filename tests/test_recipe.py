@@ -28,7 +28,7 @@ def test_default_recipe_depends_on_device():
 
 def test_fingerprint_sees_every_input():
     net = nn.Conv2d(2, 3, 1)
-    images, masks = torch.zeros(2, 3, 4, 4), torch.zeros(2, 4, 4, dtype=torch.long)
+    images, masks = torch.full((2, 3, 4, 4), -0.5), torch.zeros(2, 4, 4, dtype=torch.long)
     base = fingerprint(net, LabelledImages(images, masks, 3), {"steps": 1})
     assert base == fingerprint(net, LabelledImages(images, masks, 3), {"steps": 1})
     masks2 = masks.clone(); masks2[0, 0, 0] = 1
@@ -93,3 +93,11 @@ def test_config_changes_name_runs_by_their_differences():
     cfg = RecipeConfig.preset("cpu")
     assert cfg.changes()["match"] == "head" and "segmenter_state" not in cfg.changes()
     assert RecipeConfig().changes() == {}
+
+
+def test_learn_annotator_runs_without_a_cache_dir():
+    G, data, A, S = _setup()
+    cfg = RecipeConfig.preset("cpu", pretrain_steps=2, warm_start_images=4, warm_start_steps=2, steps=2, seed=1)
+    w0 = S.outc.conv.weight.detach().clone()
+    res = learn_annotator(G, A, S, data.subset(range(4)), cfg, progress=False)
+    assert res.match_dir is None and not torch.equal(w0, res.segmenter.outc.conv.weight)
