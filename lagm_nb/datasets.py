@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['BatchSource', 'LabelledImages', 'resize_pair']
+__all__ = ['BatchSource', 'LabelledImages', 'check_images', 'resize_pair']
 
 # %% ../nbs/02_datasets.ipynb #01bead99
 @dataclasses.dataclass
@@ -56,6 +56,31 @@ class LabelledImages:
         idx = list(idx)
         return LabelledImages(self.images[idx], self.masks[idx], self.n_classes,
                               [self.names[i] for i in idx] if self.names else None, self.ignore_index)
+
+# %% ../nbs/02_datasets.ipynb #c4e1a002
+def check_images(images, name: str = "images", image_size: tuple[int, int] | None = None,
+                 size_of: str = "the expected size") -> torch.Tensor:
+    "Raise a clear error unless `images` is a float tensor [N,3,H,W] in [-1, 1] (`image_size` if given); return it."
+    shape = tuple(getattr(images, "shape", ()))
+    if not torch.is_tensor(images) or images.ndim != 4:
+        raise ValueError(f"{name} must be a tensor [N, 3, H, W], got a {type(images).__name__} of shape {shape}")
+    if shape[1] != 3:
+        hint = "; they look channel-last: use images.permute(0, 3, 1, 2)" if shape[-1] == 3 else ""
+        raise ValueError(f"{name} have shape {shape}, not [N, 3, H, W]{hint}")
+    if not len(images): raise ValueError(f"{name}: no images")
+    if not images.is_floating_point():
+        raise ValueError(f"{name} are {images.dtype}; convert them with images.float() / 127.5 - 1")
+    if image_size is not None and shape[-2:] != tuple(image_size):
+        raise ValueError(f"{name} are {shape[-2]}x{shape[-1]} pixels but must be {image_size[0]}x{image_size[1]} "
+                         f"({size_of}); resize them, e.g. F.interpolate(images, size={tuple(image_size)}, "
+                         "mode='bilinear', antialias=True)")
+    lo, hi = images.min().item(), images.max().item()
+    if lo < -1 - 1e-3 or hi > 1 + 1e-3:
+        raise ValueError(f"{name} must lie in [-1, 1], found values in [{lo:.2f}, {hi:.2f}] "
+                         "(from [0, 255] use x / 127.5 - 1)")
+    if lo >= 0: raise ValueError(f"{name} look like [0, 1] data (no value below 0, largest {hi:.2f}); "
+                                 "map them to [-1, 1] with x * 2 - 1")
+    return images
 
 # %% ../nbs/02_datasets.ipynb #c645123a
 def resize_pair(images: torch.Tensor, labels: torch.Tensor, size: int | None, mode: str = "nearest"):

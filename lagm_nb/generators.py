@@ -78,6 +78,7 @@ class HookedGenerator(FeatureGenerator):
                              "cannot be applied; use 1.0 or pass forward=")
         self.truncation_psi, self.truncation_cutoff, self._forward = truncation_psi, truncation_cutoff, forward
         self._store: list[torch.Tensor] = []
+        self._recording = False
         modules = dict(G.named_modules())
         for name in self.layers: modules[name].register_forward_hook(self._hook)
         with torch.no_grad(): images, feats = self.synthesize(self.latents(1, seed=0))
@@ -91,14 +92,16 @@ class HookedGenerator(FeatureGenerator):
                          "forward": getattr(self._forward, "__qualname__", None)})
 
     def _hook(self, module, inputs, output):
-        self._store.append(output[0] if isinstance(output, (tuple, list)) else output)
+        if self._recording: self._store.append(output[0] if isinstance(output, (tuple, list)) else output)
 
     def synthesize(self, z):
-        self._store = []
-        if self._forward is not None: images = self._forward(self.G, z)
-        elif self.has_mapping:
-            images = self.G(z, None, truncation_psi=self.truncation_psi, truncation_cutoff=self.truncation_cutoff)
-        else: images = self.G(z)
+        self._store, self._recording = [], True
+        try:
+            if self._forward is not None: images = self._forward(self.G, z)
+            elif self.has_mapping:
+                images = self.G(z, None, truncation_psi=self.truncation_psi, truncation_cutoff=self.truncation_cutoff)
+            else: images = self.G(z)
+        finally: self._recording = False
         feats, self._store = self._store, []
         if len(feats) != len(self.layers):
             raise RuntimeError(f"expected one output from each of {len(self.layers)} hooked layers, got {len(feats)}: "
