@@ -15,7 +15,7 @@ from PIL import Image
 
 # %% auto #0
 __all__ = ['IMAGE_SUFFIXES', 'INDEX_MASK_MODES', 'BatchSource', 'check_image_values', 'LabelledImages', 'pair_by_stem',
-           'read_mask', 'merge_classes', 'labelled_images_from_folder', 'resize_pair', 'check_classes']
+           'read_mask', 'merge_classes', 'labelled_images_from_folder', 'check_images', 'resize_pair', 'check_classes']
 
 # %% ../nbs/02_datasets.ipynb #c4eck001
 def check_image_values(images: torch.Tensor, name: Callable[[int], str], range_checked: bool = False):
@@ -204,6 +204,31 @@ def labelled_images_from_folder(images_dir: str | Path, masks_dir: str | Path, c
                          f"and {tuple(images[odd].shape[-2:])}); pass size=(h, w) to resize them all")
     return LabelledImages((torch.stack(images) / 127.5 - 1).clamp(-1, 1), torch.stack(masks), n_classes, names,
                           ignore_index, class_names, range_checked=True)
+
+# %% ../nbs/02_datasets.ipynb #c4e1a002
+def check_images(images, name: str = "images", image_size: tuple[int, int] | None = None,
+                 size_of: str = "the expected size") -> torch.Tensor:
+    "Raise a clear error unless `images` is a float tensor [N,3,H,W] in [-1, 1] (`image_size` if given); return it."
+    shape = tuple(getattr(images, "shape", ()))
+    if not torch.is_tensor(images) or images.ndim != 4:
+        raise ValueError(f"{name} must be a tensor [N, 3, H, W], got a {type(images).__name__} of shape {shape}")
+    if shape[1] != 3:
+        hint = "; they look channel-last: use images.permute(0, 3, 1, 2)" if shape[-1] == 3 else ""
+        raise ValueError(f"{name} have shape {shape}, not [N, 3, H, W]{hint}")
+    if not len(images): raise ValueError(f"{name}: no images")
+    if not images.is_floating_point():
+        raise ValueError(f"{name} are {images.dtype}; convert them with images.float() / 127.5 - 1")
+    if image_size is not None and shape[-2:] != tuple(image_size):
+        raise ValueError(f"{name} are {shape[-2]}x{shape[-1]} pixels but must be {image_size[0]}x{image_size[1]} "
+                         f"({size_of}); resize them, e.g. F.interpolate(images, size={tuple(image_size)}, "
+                         "mode='bilinear', antialias=True)")
+    lo, hi = images.min().item(), images.max().item()
+    if lo < -1 - 1e-3 or hi > 1 + 1e-3:
+        raise ValueError(f"{name} must lie in [-1, 1], found values in [{lo:.2f}, {hi:.2f}] "
+                         "(from [0, 255] use x / 127.5 - 1)")
+    if lo >= 0: raise ValueError(f"{name} look like [0, 1] data (no value below 0, largest {hi:.2f}); "
+                                 "map them to [-1, 1] with x * 2 - 1")
+    return images
 
 # %% ../nbs/02_datasets.ipynb #c645123a
 def resize_pair(images: torch.Tensor, labels: torch.Tensor, size: int | None, mode: str = "nearest"):

@@ -16,9 +16,11 @@ from .datasets import BatchSource, LabelledImages, check_classes
 from .generators import FeatureGenerator
 from .gradmatch import segmentation_loss
 from .metrics import evaluate_segmenter, scores
+from .train import make_optimizer
 
 # %% auto #0
-__all__ = ['augment', 'labelled_batches', 'synthetic_batches', 'dataset_batches', 'SegmenterRun', 'train_segmenter']
+__all__ = ['augment', 'jitter_colours', 'labelled_batches', 'synthetic_batches', 'dataset_batches', 'SegmenterRun', 'keep_best',
+           'supervised_loss', 'train_segmenter']
 
 # %% ../nbs/10_downstream.ipynb #e59986e5
 def augment(images: torch.Tensor, masks: torch.Tensor, g: torch.Generator, flip: bool = True,
@@ -35,13 +37,17 @@ def augment(images: torch.Tensor, masks: torch.Tensor, g: torch.Generator, flip:
     images = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
     m = F.grid_sample(masks[:, None].float() + 1, grid, mode="nearest", padding_mode="zeros", align_corners=False)[:, 0]
     masks = torch.where(m == 0, torch.full_like(m, ignore_index), m - 1).long()
+    return jitter_colours(images, g, jitter), masks
+
+def jitter_colours(images: torch.Tensor, g: torch.Generator, jitter: float = 0.2) -> torch.Tensor:
+    "Random brightness, contrast and saturation (each by a factor in 1 ± `jitter`) of images [N,3,H,W] in [-1,1]."
+    b, c, sat = 1 + (2 * torch.rand(3, len(images), 1, 1, 1, generator=g).to(images.device) - 1) * jitter
     x = (images + 1) / 2
     grey = x.mean(1, keepdim=True)
-    b, c, sat = (1 + (2 * r(3, n, 1, 1, 1) - 1) * jitter)
     x = x * b
     x = (x - x.mean((1, 2, 3), keepdim=True)) * c + x.mean((1, 2, 3), keepdim=True)
     x = (x - grey) * sat + grey
-    return (x.clamp(0, 1) * 2 - 1), masks
+    return x.clamp(0, 1) * 2 - 1
 
 # %% ../nbs/10_downstream.ipynb #d99884d9
 def labelled_batches(data: LabelledImages, batch_size: int = 8, augmented: bool = True, seed: int = 0,
@@ -93,9 +99,16 @@ class SegmenterRun:
     best_step: int | None = None
     best_val_miou: float | None = None
 
-def _best_if_better(best: tuple, segmenter: nn.Module, step: int, val_miou: float) -> tuple:
+def keep_best(best: tuple, segmenter: nn.Module, step: int, val_miou: float) -> tuple:
     "(step, val mIoU, weights) of the best validation score so far (the first maximum)."
     return (step, val_miou, copy.deepcopy(segmenter.state_dict())) if val_miou > best[1] else best
+
+def supervised_loss(segmenter: nn.Module, batches: BatchSource, step: int, seed: int = 0) -> torch.Tensor:
+    "Cross-entropy of `segmenter` (in train mode) on `batches(step)`, with torch's RNG seeded from `seed` and `step`."
+    torch.manual_seed(step_seed(seed, step, "segmenter"))
+    x, y = batches(step)
+    segmenter.train()
+    return segmentation_loss(segmenter(x), y)
 
 # %% ../nbs/10_downstream.ipynb #1aeeb7d0
 def train_segmenter(segmenter: nn.Module, batches: BatchSource, steps: int, *, lr: float = 1e-3,
@@ -107,9 +120,7 @@ def train_segmenter(segmenter: nn.Module, batches: BatchSource, steps: int, *, l
     device = default_device(device)
     check_classes(segmenter=segmenter, val=val)
     segmenter.to(device)
-    if optimizer not in ("adam", "sgd"): raise ValueError(f"optimizer must be 'adam' or 'sgd', not {optimizer!r}")
-    opt = (torch.optim.Adam(segmenter.parameters(), lr=lr) if optimizer == "adam"
-           else torch.optim.SGD(segmenter.parameters(), lr=lr, momentum=0.9))
+    opt = make_optimizer(segmenter.parameters(), optimizer, lr)
     settings = dict(lr=lr, optimizer=optimizer, seed=seed, data=data, val=None if val is None else fingerprint(val),
                     steps=steps, eval_every=eval_every, checkpoint_every=checkpoint_every)
     run = RunDir(out_dir, "segmenter_run", settings, restartable={"steps", "eval_every", "checkpoint_every"})
@@ -120,10 +131,7 @@ def train_segmenter(segmenter: nn.Module, batches: BatchSource, steps: int, *, l
     bar = tqdm(range(start + 1, steps + 1), initial=start, total=steps, disable=not progress, desc=desc)
     guard = FiniteGuard(desc)
     for t in bar:
-        torch.manual_seed(step_seed(seed, t, "segmenter"))
-        x, y = batches(t)
-        segmenter.train()
-        loss = segmentation_loss(segmenter(x), y)
+        loss = supervised_loss(segmenter, batches, t, seed)
         opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
         guard.watch(loss)
         if t % 50 == 0 or t % checkpoint_every == 0 or t == steps: guard.check(t)
@@ -133,7 +141,7 @@ def train_segmenter(segmenter: nn.Module, batches: BatchSource, steps: int, *, l
         if val is not None and (t % eval_every == 0 or t == steps):
             s = scores(evaluate_segmenter(segmenter, val.images, val.masks, val.n_classes))
             run.record({"step": t, **{f"val_{k}": v for k, v in s.items()}})
-            best = _best_if_better(best, segmenter, t, s["miou"])
+            best = keep_best(best, segmenter, t, s["miou"])
             notify(callbacks, "eval", run.history[-1], segmenter=segmenter)
         if t % checkpoint_every == 0 or t == steps:
             run.save({"step": t, "segmenter": segmenter.state_dict(), "optimizer": opt.state_dict(),

@@ -78,6 +78,7 @@ class HookedGenerator(FeatureGenerator):
                              "cannot be applied; use 1.0 or pass forward=")
         self.truncation_psi, self.truncation_cutoff, self._forward = truncation_psi, truncation_cutoff, forward
         self._store: list[torch.Tensor] = []
+        self._recording = False
         modules = dict(G.named_modules())
         for name in self.layers: modules[name].register_forward_hook(self._hook)
         try:
@@ -98,15 +99,17 @@ class HookedGenerator(FeatureGenerator):
                          "forward": getattr(self._forward, "__qualname__", None)})
 
     def _hook(self, module, inputs, output):
-        self._store.append(output[0] if isinstance(output, (tuple, list)) else output)
+        if self._recording: self._store.append(output[0] if isinstance(output, (tuple, list)) else output)
 
     def _call(self, z):
-        "Images of the wrapped generator for `z`; its hooked modules' outputs collect in `_store`."
-        self._store = []
-        if self._forward is not None: return self._forward(self.G, z)
-        if self.has_mapping:
-            return self.G(z, None, truncation_psi=self.truncation_psi, truncation_cutoff=self.truncation_cutoff)
-        return self.G(z)
+        "Images of the wrapped generator for `z`; its hooked modules' outputs collect in `_store` meanwhile."
+        self._store, self._recording = [], True
+        try:
+            if self._forward is not None: return self._forward(self.G, z)
+            if self.has_mapping:
+                return self.G(z, None, truncation_psi=self.truncation_psi, truncation_cutoff=self.truncation_cutoff)
+            return self.G(z)
+        finally: self._recording = False
 
     def _collect(self) -> list[torch.Tensor]:
         "The features that the last call collected, one per hooked module."

@@ -9,9 +9,10 @@ from collections.abc import Sequence
 import torch
 from .generators import DCGAN, HookedGenerator, calibrate_batchnorm_, init_dcgan_
 from .annotator import FPNAnnotator
+from .stylegan2 import Generator
 
 # %% auto #0
-__all__ = ['tiny_generator', 'TeacherLabeller']
+__all__ = ['tiny_generator', 'tiny_stylegan', 'TeacherLabeller']
 
 # %% ../nbs/06_testing.ipynb #7e57a006
 def tiny_generator(z_dim: int = 16, width: int = 8, n_up: int = 3, seed: int = 0) -> HookedGenerator:
@@ -25,6 +26,19 @@ def tiny_generator(z_dim: int = 16, width: int = 8, n_up: int = 3, seed: int = 0
     with torch.no_grad(): G(z); last.weight /= seen["pre_tanh"].std()
     hook.remove()
     return HookedGenerator(G, r"relu\d+", z_dim)
+
+# %% ../nbs/06_testing.ipynb #7e57b002
+def tiny_stylegan(z_dim: int = 16, resolution: int = 16, seed: int = 0) -> HookedGenerator:
+    "A small random StyleGAN2 (16 px, w of `z_dim` dimensions) hooked at every synthesis block."
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        G = Generator(z_dim, 0, z_dim, resolution, 3, mapping_kwargs=dict(num_layers=1),
+                      synthesis_kwargs=dict(channel_base=8 * resolution, channel_max=16)).eval()
+    z = torch.randn(256, z_dim, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():   # the skip architecture sums the RGB layers' outputs: scaling them all scales the image
+        scale = 0.15 / G(z).std()
+        for r in G.synthesis.block_resolutions: getattr(G.synthesis, f"b{r}").torgb.weight.mul_(scale)
+    return HookedGenerator(G, r"synthesis\.b\d+", z_dim)
 
 # %% ../nbs/06_testing.ipynb #8219901b
 class TeacherLabeller:

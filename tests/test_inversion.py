@@ -1,0 +1,119 @@
+import pytest
+import torch
+
+from lagm_nb.annotator import FPNAnnotator, PixelMLPAnnotator
+from lagm_nb.datasets import LabelledImages
+from lagm_nb.inversion import (InversionConfig, ReconstructionLoss, invert, inversion_annotator, latent_view,
+                               learning_rate, noise_scale, psnr)
+from lagm_nb.testing import tiny_generator, tiny_stylegan
+
+
+def _targets(G, n=2, seed=5):
+    z = G.latents(n, seed=seed)
+    return z, *G.sample(z=z)
+
+
+def test_dcgan_inversion_recovers_the_latent_of_a_generated_image():
+    # Random pairs of tiny-DCGAN images are ~9 dB apart. 40 dB is an RMS error of 1% of the range; the loss (pixel
+    # MSE on [-1, 1] = 4 x MSE on [0, 1], plus two pooled MSEs that cannot exceed it) is then below 3 * 4e-4.
+    G = tiny_generator()
+    z, x, _ = _targets(G)
+    inv = invert(G, x, InversionConfig(steps=100), progress=False)
+    assert inv.space == "z" and (inv.psnr > 40).all() and (inv.losses < 3 * 4e-4 * 1.01).all()
+    assert ((inv.latents - z).norm(dim=1) / z.norm(dim=1) < 0.05).all()
+    exact = invert(G, x, InversionConfig(steps=150, prior_weight=0.0), progress=False)   # no prior: z itself
+    assert ((exact.latents - z).norm(dim=1) / z.norm(dim=1) < 0.01).all() and (exact.psnr > 60).all()
+
+
+def test_norm_prior_pulls_the_latent_to_the_shell():
+    G = tiny_generator()
+    z, x, _ = _targets(G, 3)
+    shell = lambda v: (v.square().mean(1) - 1).abs()
+    pulled = invert(G, x, InversionConfig(steps=100, prior_weight=10.0), progress=False).latents
+    assert (shell(pulled) < shell(z)).all()
+
+
+def test_stylegan_w_plus_inversion_reconstructs_a_generated_image():
+    S = tiny_stylegan()
+    _, x, _ = _targets(S)
+    floor = psnr(x, S.sample(2, seed=6)[0])   # ~20 dB: the tiny StyleGAN2's images are low-contrast
+    inv = invert(S, x, InversionConfig(steps=200, w_avg_samples=1000), progress=False)
+    assert inv.space == "w+" and inv.latents.shape == (2, S.G.num_ws, S.G.w_dim)
+    assert (inv.psnr > 35).all() and (inv.psnr > floor + 15).all()
+    assert torch.allclose(inv.generator.sample(z=inv.latents)[0], inv.reconstructions)
+
+
+def test_w_plus_view_is_the_generator_in_w_plus():
+    S = tiny_stylegan()
+    z, x, h = _targets(S, 3)
+    view = latent_view(S, "w+")
+    xv, hv = view.sample(z=S.G.mapping(z, None))
+    assert torch.equal(x, xv) and all(torch.equal(a, b) for a, b in zip(h, hv))
+    assert latent_view(S, "w").sample(z=S.G.mapping(z, None)[:, 0])[0].shape == x.shape
+    assert len(S.sample(1, seed=0)[1]) == 3 and view._store == []   # the two wrappers do not share features
+
+
+def test_restarts_never_make_the_best_loss_worse():
+    G = tiny_generator()
+    _, x, _ = _targets(G, 4)
+    one = invert(G, x, InversionConfig(steps=40), progress=False)
+    three = invert(G, x, InversionConfig(steps=40, restarts=3), progress=False)
+    first = three.restart == 0
+    assert (three.losses <= one.losses).all() and torch.equal(three.losses[first], one.losses[first])
+    assert torch.equal(three.latents[first], one.latents[first])
+
+
+def test_inversion_is_deterministic_from_the_seed():
+    S = tiny_stylegan()
+    _, x, _ = _targets(S)
+    cfg = InversionConfig(space="w", steps=10, restarts=2, w_avg_samples=500)
+    a, b = (invert(S, x, cfg, progress=False) for _ in range(2))
+    c = invert(S, x, cfg.replace(seed=1), progress=False)
+    assert torch.equal(a.latents, b.latents) and not torch.equal(a.latents, c.latents)
+
+
+def test_schedules():
+    cfg = InversionConfig()
+    assert learning_rate(0.0, cfg) == 0 and learning_rate(0.5, cfg) == pytest.approx(cfg.lr)
+    assert learning_rate(0.025, cfg) == pytest.approx(cfg.lr / 2)       # halfway up the warm-up
+    assert learning_rate(0.875, cfg) == pytest.approx(cfg.lr / 2)       # halfway down the cosine
+    assert noise_scale(0.0, cfg, 1.0) == pytest.approx(0.05) and noise_scale(0.375, cfg, 1.0) == pytest.approx(0.0125)
+    assert noise_scale(0.8, cfg, 1.0) == 0
+
+
+def test_reconstruction_loss_and_psnr_by_hand():
+    t = torch.rand(2, 3, 8, 8) * 2 - 1
+    assert torch.allclose(psnr(t + 0.02, t), torch.tensor(40.0))
+    assert torch.allclose(ReconstructionLoss(t)(t + 0.02), torch.full((2,), 3 * 4e-4))   # constant error: 3 terms
+    assert torch.allclose(ReconstructionLoss(t, multiscale_weight=0.0)(t + 0.02), torch.full((2,), 4e-4))
+    feats = lambda x: [x.mean(1), 2 * x]
+    expected = 3 * 4e-4 + (4e-4 + 4 * 4e-4) / 2
+    assert torch.allclose(ReconstructionLoss(t, perceptual=feats)(t + 0.02), torch.full((2,), expected))
+    images = t.clone().requires_grad_(True)
+    ReconstructionLoss(t + 0.1, perceptual=feats)(images).sum().backward()
+    assert images.grad.abs().sum() > 0
+
+
+def test_bad_inputs_raise_clear_errors():
+    G, S = tiny_generator(), tiny_stylegan()
+    x = S.sample(2, seed=0)[0]
+    with pytest.raises(ValueError, match="16x16 pixels but must be 32x32"): invert(G, x)
+    with pytest.raises(ValueError, match="channel-last"): invert(S, x.permute(0, 2, 3, 1))
+    with pytest.raises(ValueError, match=r"\[-1, 1\]"): invert(S, x * 10)
+    with pytest.raises(ValueError, match=r"\[0, 1\] data"): invert(S, (x + 1) / 2)
+    with pytest.raises(ValueError, match="unknown space 'W'"): invert(S, x, InversionConfig(space="W"))
+    with pytest.raises(ValueError, match="use space='z'"): invert(G, G.sample(2, seed=0)[0], InversionConfig(space="w"))
+
+
+@pytest.mark.parametrize("kind", ["fpn", "mlp"])
+def test_inversion_annotator_end_to_end(kind):
+    G = tiny_generator()
+    x, _ = G.sample(4, seed=1)
+    lab = LabelledImages(x, torch.randint(0, 3, (4, 32, 32)), 3)
+    A = (FPNAnnotator(G.feature_shapes, 3, G.image_size, width=8) if kind == "fpn"
+         else PixelMLPAnnotator(G.feature_shapes, 3, G.image_size, n_members=2))
+    before = [p.detach().clone() for p in A.parameters()]
+    A, inv = inversion_annotator(G, A, lab, InversionConfig(steps=10), fit_steps=3, progress=False)
+    assert inv.latents.shape == (4, 16) and inv.psnr.shape == (4,)
+    assert any(not torch.equal(p, q) for p, q in zip(before, A.parameters()))
+    assert A(G.sample(2, seed=9)[1]).shape == (2, 3, 32, 32)
