@@ -27,9 +27,10 @@ from ..metrics import evaluate_segmenter, scores
 # %% auto #0
 __all__ = ['STAGE_VERSIONS', 'SMOKE', 'PROFILES', 'MONITORING', 'draw_indices', 'draw_labelled', 'StoreEntry', 'ResultStore',
            'RowSettings', 'ProfileConfig', 'ExperimentConfig', 'Benchmark', 'annotator_recipe', 'learned_annotator',
-           'datasetgan_annotator', 'load_annotator', 'load_segmenter', 'supervised_segmenter', 'oracle_segmenter',
-           'downstream_segmenter', 'segmenter_scores', 'annotator_scores', 'parse_method', 'row_annotator', 'run_row',
-           'mean_std', 'summarize', 'results_frame', 'seconds_per_gm_step', 'seconds_per_segmenter_step']
+           'datasetgan_annotator', 'maml_annotator', 'inverted_annotator', 'load_annotator', 'load_segmenter',
+           'supervised_segmenter', 'oracle_segmenter', 'mean_teacher_segmenter', 'downstream_segmenter',
+           'segmenter_scores', 'annotator_scores', 'parse_method', 'row_annotator', 'run_row', 'mean_std', 'summarize',
+           'results_frame', 'seconds_per_gm_step', 'seconds_per_segmenter_step']
 
 # %% ../../nbs/bench/00_harness.ipynb #4a7e0006
 def draw_indices(pool_size: int, n: int, seed: int) -> list[int]:
@@ -140,10 +141,15 @@ class RowSettings(Config):
     n_synthetic: int = 1000          # generated images in the downstream dataset, labelled once
     soft_labels: bool = True         # soft downstream labels (hard argmax labels erase thin parts)
     label_temperature: float = 1.0   # temperature of the soft labels
+    inversion_steps: int = 1000      # projection steps per image of the inversion baseline (the projector's default)
+    inversion_restarts: int = 1      # starts per image; the best reconstruction is kept
+    inversion_fit_steps: int = 500   # Eq. 3 fitting steps of the annotator on the recovered latents
+    n_unlabelled: int = 1000         # unlabelled images of the test domain for Mean Teacher
     smoke: bool = False              # cap every recipe stage at a few steps
 
 SMOKE = dict(width=4, annotator_width=8, gm_steps=3, datasetgan_steps=3, segmenter_steps=3, supervised_steps=3,
-             oracle_steps=3, n_synthetic=16, smoke=True, n_val=8, n_test=8)
+             oracle_steps=3, n_synthetic=16, inversion_steps=3, inversion_fit_steps=3, n_unlabelled=16, smoke=True,
+             n_val=8, n_test=8)
 PROFILES = ("smoke", "default", "full")
 
 # %% ../../nbs/bench/00_harness.ipynb #4a7e0016
@@ -266,6 +272,51 @@ def datasetgan_annotator(store: ResultStore, bench: Benchmark, cfg: RowSettings,
         return {"minutes": (time.perf_counter() - t0) / 60, "history": []}, {"annotator": M.state_dict()}
     return store.cached("annotator", spec, compute, f"datasetgan annotator ({n} labels, seed {seed})")
 
+# %% ../../nbs/bench/00_harness.ipynb #4a7e0051
+def maml_annotator(store: ResultStore, bench: Benchmark, cfg: RowSettings, recipe: RecipeConfig | str, source: str,
+                   n: int, seed: int, inner_steps: int = 1, generator: str | None = None) -> StoreEntry:
+    "An FPN annotator whose matching stage is K-step MAML (Algorithm 2) instead of Algorithm 1."
+    from lagm_nb.maml import MAMLConfig, train_maml
+    G, rcfg = bench.generator(generator), annotator_recipe(recipe, cfg, seed)
+    labelled, val = draw_labelled(bench.pools[source], n, seed), bench.vals[source]
+    mcfg = MAMLConfig.from_dict({**rcfg.matching().to_dict(), "inner_steps": inner_steps})
+    spec = {"version": STAGE_VERSIONS["annotator"], "method": "maml", "recipe": rcfg.changes(), "maml": mcfg.changes(),
+            "generator": fingerprint(G), "labelled": fingerprint(labelled), "val": fingerprint(val),
+            "annotator_val": fingerprint(bench.annotator_val),
+            "annotator": {"kind": "fpn", "width": cfg.annotator_width},
+            "segmenter": {"kind": "unet", "width": cfg.width}, "n_classes": bench.n_classes}
+    def compute(work):
+        warm = learn_annotator(G, *_networks(bench, G, cfg, seed), labelled, rcfg.replace(steps=0), val=val,
+                               cache_dir=store.root / "stages")                     # stages 1 and 2, shared
+        target = labelled_batches(labelled, rcfg.labelled_batch_size, seed=seed) if rcfg.augment_labelled else labelled
+        t0 = time.perf_counter()
+        res = train_maml(G, warm.annotator, warm.segmenter, target, mcfg, val=val, annotator_val=bench.annotator_val,
+                         out_dir=work, resume=True)
+        minutes = {**warm.minutes, "match": (time.perf_counter() - t0) / 60}
+        result = {"minutes": sum(minutes.values()), "minutes_by_stage": minutes, "history": res.history}
+        return result, {"annotator": res.annotator.state_dict(), "segmenter": res.segmenter.state_dict()}
+    return store.cached("annotator", spec, compute, f"maml{inner_steps} annotator ({source}, {n} labels, seed {seed})")
+
+# %% ../../nbs/bench/00_harness.ipynb #4a7e0052
+def inverted_annotator(store: ResultStore, bench: Benchmark, cfg: RowSettings, source: str, n: int, seed: int,
+                       generator: str | None = None) -> StoreEntry:
+    "An FPN annotator fitted on the features of the labelled images' latents, recovered by inversion (Table C.5)."
+    from lagm_nb.inversion import InversionConfig, inversion_annotator
+    G, labelled = bench.generator(generator), draw_labelled(bench.pools[source], n, seed)
+    icfg = InversionConfig(steps=cfg.inversion_steps, restarts=cfg.inversion_restarts, seed=seed)
+    spec = {"version": STAGE_VERSIONS["annotator"], "method": "inversion", "inversion": icfg.changes(),
+            "fit_steps": cfg.inversion_fit_steps, "generator": fingerprint(G), "labelled": fingerprint(labelled),
+            "annotator": {"kind": "fpn", "width": cfg.annotator_width}, "n_classes": bench.n_classes}
+    def compute(work):
+        t0 = time.perf_counter()
+        A = _networks(bench, G, cfg, seed)[0]
+        A, inv = inversion_annotator(G, A, labelled, icfg, fit_steps=cfg.inversion_fit_steps)
+        result = {"minutes": (time.perf_counter() - t0) / 60, "history": [], "space": inv.space,
+                  "psnr": inv.psnr.tolist()}
+        return result, {"annotator": A.state_dict(), "latents": inv.latents.cpu(),
+                        "reconstructions": inv.reconstructions.cpu()}
+    return store.cached("annotator", spec, compute, f"inversion annotator ({source}, {n} labels, seed {seed})")
+
 # %% ../../nbs/bench/00_harness.ipynb #4a7e0024
 def load_annotator(entry: StoreEntry, bench: Benchmark, generator: str | None = None) -> nn.Module:
     "The annotator of a stored annotator entry, rebuilt for the benchmark's generator, in eval mode."
@@ -328,6 +379,29 @@ def oracle_segmenter(store: ResultStore, bench: Benchmark, cfg: RowSettings, n: 
     return _segmenter_run(store, spec, batches, cfg.oracle_steps, bench.vals[bench.sources[""]], cfg, seed,
                           f"oracle ({n} labels, seed {seed})")
 
+# %% ../../nbs/bench/00_harness.ipynb #4a7e0054
+def mean_teacher_segmenter(store: ResultStore, bench: Benchmark, cfg: RowSettings, source: str, n: int,
+                           seed: int) -> StoreEntry:
+    "The Mean Teacher U-Net trained on the `n` labelled images of `source` and `n_unlabelled` unlabelled ones."
+    from lagm_nb.meanteacher import MeanTeacherConfig, train_mean_teacher
+    if bench.unlabelled is None: raise ValueError(f"{bench.name} has no unlabelled images for Mean Teacher")
+    labelled, val, mt = draw_labelled(bench.pools[source], n, seed), bench.vals[source], MeanTeacherConfig()
+    steps = cfg.supervised_steps
+    spec = {"version": STAGE_VERSIONS["segmenter"], "method": "mean_teacher", "labelled": fingerprint(labelled),
+            "unlabelled": f"{bench.name}:unlabelled:{cfg.n_unlabelled}", "mean_teacher": mt.changes(), "steps": steps,
+            "val": fingerprint(val), "seed": seed, "segmenter": {"kind": "unet", "width": cfg.width},
+            "eval_every": max(1, steps // 6)}
+    def compute(work):
+        t0, unlabelled = time.perf_counter(), bench.unlabelled(cfg.n_unlabelled)
+        seed_everything(seed)
+        run = train_mean_teacher(UNet(bench.n_classes, width=cfg.width), labelled, unlabelled, steps,
+                                 config=mt.replace(eval_every=max(1, steps // 6)), val=val, out_dir=work, resume=True,
+                                 seed=seed)
+        result = {"minutes": (time.perf_counter() - t0) / 60, "best_step": run.best_step,
+                  "best_val_miou": run.best_val_miou}
+        return result, {"segmenter": run.segmenter.state_dict()}
+    return store.cached("segmenter", spec, compute, f"mean teacher ({source}, {n} labels, seed {seed})")
+
 # %% ../../nbs/bench/00_harness.ipynb #4a7e0028
 def downstream_segmenter(store: ResultStore, bench: Benchmark, cfg: RowSettings, annotator: StoreEntry, source: str,
                          seed: int, generator: str | None = None) -> StoreEntry:
@@ -375,9 +449,13 @@ def row_annotator(store: ResultStore, bench: Benchmark, cfg: RowSettings, kind: 
                   generator: str | None = None) -> StoreEntry:
     "The annotator of a row whose method does `kind`: 'datasetgan', 'gm' (the settings' recipe) or a recipe name."
     if kind == "datasetgan": return datasetgan_annotator(store, bench, cfg, n, seed, source)
+    if kind == "inversion": return inverted_annotator(store, bench, cfg, source, n, seed, generator)
+    if kind in ("maml1", "maml2"):
+        return maml_annotator(store, bench, cfg, cfg.gm_recipe, source, n, seed, int(kind[-1]), generator)
     recipe = cfg.gm_recipe if kind == "gm" else kind
-    if recipe not in RECIPES: raise ValueError(f"unknown method {kind!r}: not supervised, oracle, datasetgan, gm or a "
-                                               f"recipe of lagm_nb.recipe.RECIPES ({sorted(RECIPES)})")
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown method {kind!r}: not supervised, mean_teacher, oracle, datasetgan, inversion, "
+                         f"maml1, maml2, gm or a recipe of lagm_nb.recipe.RECIPES ({sorted(RECIPES)})")
     return learned_annotator(store, bench, cfg, recipe, source, n, seed, generator)
 
 # %% ../../nbs/bench/00_harness.ipynb #4a7e0033
@@ -386,9 +464,10 @@ def run_row(store: ResultStore, bench: Benchmark, cfg: RowSettings, method: str,
     "One results row: test scores of `method` with `n` labels and `seed`, and what it cost."
     kind, source = parse_method(bench, method)
     row = {"method": method, "n_labels": n, "seed": seed}
-    if kind in ("supervised", "oracle"):
-        seg = (supervised_segmenter(store, bench, cfg, source, n, seed) if kind == "supervised"
-               else oracle_segmenter(store, bench, cfg, n, seed))
+    segmenters = {"supervised": supervised_segmenter, "mean_teacher": mean_teacher_segmenter,
+                  "oracle": lambda store, bench, cfg, source, n, seed: oracle_segmenter(store, bench, cfg, n, seed)}
+    if kind in segmenters:
+        seg = segmenters[kind](store, bench, cfg, source, n, seed)
         return {**row, **segmenter_scores(store, bench, seg), "minutes": seg.result["minutes"]}
     ann = row_annotator(store, bench, cfg, kind, source, n, seed, generator)
     seg = downstream_segmenter(store, bench, cfg, ann, source, seed, generator)
