@@ -146,6 +146,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                    'lagm_nb/bench/harness.py'),
                                        'lagm_nb.bench.harness.annotator_scores': ( 'bench/harness.html#annotator_scores',
                                                                                    'lagm_nb/bench/harness.py'),
+                                       'lagm_nb.bench.harness.annotator_study': ( 'bench/harness.html#annotator_study',
+                                                                                  'lagm_nb/bench/harness.py'),
                                        'lagm_nb.bench.harness.datasetgan_annotator': ( 'bench/harness.html#datasetgan_annotator',
                                                                                        'lagm_nb/bench/harness.py'),
                                        'lagm_nb.bench.harness.downstream_segmenter': ( 'bench/harness.html#downstream_segmenter',

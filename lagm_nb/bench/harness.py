@@ -30,7 +30,7 @@ __all__ = ['STAGE_VERSIONS', 'SMOKE', 'PROFILES', 'MONITORING', 'draw_indices', 
            'datasetgan_annotator', 'maml_annotator', 'inverted_annotator', 'load_annotator', 'load_segmenter',
            'supervised_segmenter', 'oracle_segmenter', 'mean_teacher_segmenter', 'downstream_segmenter',
            'segmenter_scores', 'annotator_scores', 'parse_method', 'row_annotator', 'run_row', 'mean_std', 'summarize',
-           'results_frame', 'seconds_per_gm_step', 'seconds_per_segmenter_step']
+           'results_frame', 'annotator_study', 'seconds_per_gm_step', 'seconds_per_segmenter_step']
 
 # %% ../../nbs/bench/00_harness.ipynb #4a7e0006
 def draw_indices(pool_size: int, n: int, seed: int) -> list[int]:
@@ -497,6 +497,26 @@ def results_frame(rows: list[dict], order: list[str], columns: list[str] | None 
     rank = {m: i for i, m in enumerate(order)}
     return df.sort_values(["n_labels", "method", "seed"], key=lambda c: c.map(rank) if c.name == "method" else c,
                           ignore_index=True)
+
+# %% ../../nbs/bench/00_harness.ipynb #4a7e0061
+def annotator_study(store: ResultStore, bench: Benchmark, cfg: RowSettings, variants: dict[str, RecipeConfig],
+                    runs: list, generator: str | None = None) -> tuple[list[dict], list[dict]]:
+    "Rows and learning curves of annotators learned by each of `variants` on each (n, seed, source) of `runs`."
+    rows, curves = [], []
+    for name, variant in variants.items():
+        for n, seed, source in runs:
+            entry = learned_annotator(store, bench, cfg, variant, source, n, seed, generator)
+            v, t = annotator_scores(store, bench, entry, "val"), annotator_scores(store, bench, entry, "test")
+            minutes, key = entry.result["minutes_by_stage"], dict(variant=name, n_labels=n, seed=seed, source=source)
+            rows.append({**key, "minutes": entry.result["minutes"], "steps": annotator_recipe(variant, cfg, seed).steps,
+                         "val_miou": v["miou"], "test_miou": t["miou"], "test_fg_miou": t["fg_miou"],
+                         **{k: t[k] for k in t if k.startswith("iou_")},
+                         **{f"minutes_{k}": m for k, m in minutes.items()}})
+            start = minutes.get("pretrain", 0.0) + minutes.get("warm_start", 0.0)
+            curves += [{**key, "step": r["step"], "minutes": start + r["time"] / 60, "val_miou": r["annotator_miou"]}
+                       for r in entry.result["history"] if "annotator_miou" in r]
+            curves.append({**key, "step": rows[-1]["steps"], "minutes": rows[-1]["minutes"], "val_miou": v["miou"]})
+    return rows, curves
 
 # %% ../../nbs/bench/00_harness.ipynb #4a7e0040
 def seconds_per_gm_step(G: FeatureGenerator, annotator: nn.Module, segmenter: nn.Module, labelled: LabelledImages,
