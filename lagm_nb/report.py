@@ -15,7 +15,8 @@ from matplotlib.colors import ListedColormap
 from .core import write_text_atomic
 
 # %% auto #0
-__all__ = ['markdown_table', 'save_table', 'class_colormap', 'label_panels', 'plot_vs_labels']
+__all__ = ['CLAIM_COLUMNS', 'markdown_table', 'save_table', 'class_colormap', 'label_panels', 'plot_vs_labels', 'compare',
+           'save_claims']
 
 # %% ../nbs/13_report.ipynb #9b7f6424
 def markdown_table(rows: list[dict], floatfmt: str = ".2f") -> str:
@@ -79,3 +80,29 @@ def plot_vs_labels(df, y: str = "miou", hue: str = "method", order: Sequence[str
     ax.set(xscale="log", xticks=ticks, xticklabels=ticks, xlabel=xlabel, ylabel=ylabel, title=title)
     ax.minorticks_off()
     return ax
+
+# %% ../nbs/13_report.ipynb #4e90a012
+def compare(a: Sequence[float], b: Sequence[float], direction: str = ">", margin: float = 0.0) -> dict:
+    "Paired comparison of A and B over seeds: means, mean difference, its spread, the number of seeds, the verdict."
+    if direction not in (">", "<"): raise ValueError(f"direction must be '>' or '<', not {direction!r}")
+    if len(a) != len(b) or not len(a): raise ValueError(f"need paired, non-empty scores; got {len(a)} and {len(b)}")
+    d = np.asarray(a, float) - np.asarray(b, float) - (margin if direction == ">" else -margin)
+    sd = float(d.std(ddof=1)) if len(d) > 1 else float("nan")
+    if len(d) < 3: verdict = f"not resolved ({len(d)} seed{'s' * (len(d) > 1)})"
+    elif abs(d.mean()) <= sd: verdict = "not resolved (inside the spread)"
+    else: verdict = "holds" if (d.mean() > 0) == (direction == ">") else "does not hold"
+    return {"mean_a": float(np.mean(a)), "mean_b": float(np.mean(b)), "difference": float(np.mean(a) - np.mean(b)),
+            "spread": sd, "seeds": len(d), "verdict": verdict}
+
+# %% ../nbs/13_report.ipynb #4e90a014
+CLAIM_COLUMNS = ["claim", "setting", "a", "b", "mean_a", "mean_b", "difference", "spread", "seeds", "verdict",
+                 "paper", "figure", "profile"]
+
+def save_claims(rows: list[dict], out_dir: str | Path, name: str, profile: str) -> Path:
+    "Write claim rows (`claim`, `setting`, `a`, `b`, `paper`, `figure` and `compare`'s fields) to `name_claims.csv`."
+    missing = [c for r in rows for c in CLAIM_COLUMNS if c not in r and c != "profile"]
+    if missing: raise ValueError(f"claim rows lack {sorted(set(missing))}")
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CLAIM_COLUMNS, extrasaction="ignore")
+    w.writeheader(); w.writerows({**r, "profile": profile} for r in rows)
+    return write_text_atomic(Path(out_dir) / f"{name}_claims.csv", buf.getvalue())
