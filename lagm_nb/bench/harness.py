@@ -18,7 +18,7 @@ from ..core import (Config, default_device, fingerprint, load_checkpoint, load_s
 from ..datasets import LabelledImages
 from ..generators import FeatureGenerator
 from ..annotator import FPNAnnotator, PixelMLPAnnotator
-from ..segmenters import UNet
+from ..segmenters import SEGMENTERS, build_segmenter
 from ..train import evaluate_annotator, fit_annotator, segmenter_step, train_gradient_matching
 from ..recipe import RECIPES, RecipeConfig, learn_annotator
 from ..downstream import labelled_batches, synthetic_batches, train_segmenter
@@ -26,11 +26,12 @@ from ..metrics import evaluate_segmenter, scores
 
 # %% auto #0
 __all__ = ['STAGE_VERSIONS', 'SMOKE', 'PROFILES', 'MONITORING', 'draw_indices', 'draw_labelled', 'StoreEntry', 'ResultStore',
-           'RowSettings', 'ProfileConfig', 'ExperimentConfig', 'Benchmark', 'annotator_recipe', 'learned_annotator',
-           'datasetgan_annotator', 'maml_annotator', 'inverted_annotator', 'load_annotator', 'load_segmenter',
-           'supervised_segmenter', 'oracle_segmenter', 'mean_teacher_segmenter', 'downstream_segmenter',
-           'segmenter_scores', 'annotator_scores', 'parse_method', 'row_annotator', 'run_row', 'mean_std', 'summarize',
-           'results_frame', 'annotator_study', 'seconds_per_gm_step', 'seconds_per_segmenter_step']
+           'RowSettings', 'ProfileConfig', 'ExperimentConfig', 'Benchmark', 'annotator_recipe', 'segmenter_spec',
+           'build_row_segmenter', 'learned_annotator', 'datasetgan_annotator', 'maml_annotator', 'inverted_annotator',
+           'load_annotator', 'load_segmenter', 'supervised_segmenter', 'oracle_segmenter', 'mean_teacher_segmenter',
+           'downstream_segmenter', 'segmenter_scores', 'annotator_scores', 'parse_method', 'row_annotator', 'run_row',
+           'mean_std', 'summarize', 'results_frame', 'annotator_study', 'seconds_per_gm_step',
+           'seconds_per_segmenter_step']
 
 # %% ../../nbs/bench/00_harness.ipynb #4a7e0006
 def draw_indices(pool_size: int, n: int, seed: int) -> list[int]:
@@ -131,6 +132,8 @@ ResultStore.put, ResultStore.cached, ResultStore.summary = _put, _cached, _summa
 class RowSettings(Config):
     "Network sizes and budgets shared by the runs of every benchmark table."
     width: int = 16                  # U-Net width of every segmenter: matching, downstream, supervised, oracle
+    segmenter: str = "unet"          # the tested segmenters (downstream, supervised, ...): "unet" or a DeepLabv3
+    matching_segmenter: str = "unet" # the segmenter gradients are matched through (lagm_nb.segmenters.SEGMENTERS)
     annotator_width: int = 64        # FPN annotator width
     gm_recipe: str = "cpu"           # how gradient-matching rows learn their annotator (a lagm_nb.recipe preset)
     gm_steps: int = 600              # matching steps of every recipe that matches (those with none keep 0)
@@ -224,11 +227,20 @@ def annotator_recipe(recipe: RecipeConfig | str, cfg: RowSettings, seed: int) ->
                       warm_start_steps=min(r.warm_start_steps, 3), eval_every=3)
     return r
 
+def segmenter_spec(name: str, cfg: RowSettings) -> dict:
+    "How a row's segmenter is built: its name and, for a U-Net, its width (the part of a spec that names it)."
+    if name not in SEGMENTERS: raise ValueError(f"unknown segmenter {name!r}; valid names: {', '.join(SEGMENTERS)}")
+    return {"kind": name, "width": cfg.width} if name == "unet" else {"kind": name}
+
+def build_row_segmenter(desc: dict, n_classes: int) -> nn.Module:
+    "A fresh segmenter as `segmenter_spec` describes it."
+    return build_segmenter(desc["kind"], n_classes, **({"width": desc["width"]} if desc["kind"] == "unet" else {}))
+
 def _networks(bench: Benchmark, G: FeatureGenerator, cfg: RowSettings, seed: int):
-    "A fresh FPN annotator and matching U-Net, built in that order after seeding with `seed`."
+    "A fresh FPN annotator and matching segmenter, built in that order after seeding with `seed`."
     seed_everything(seed)
     annotator = FPNAnnotator(G.feature_shapes, bench.n_classes, G.image_size, cfg.annotator_width)
-    return annotator, UNet(bench.n_classes, width=cfg.width)
+    return annotator, build_row_segmenter(segmenter_spec(cfg.matching_segmenter, cfg), bench.n_classes)
 
 # %% ../../nbs/bench/00_harness.ipynb #4a7e0022
 def learned_annotator(store: ResultStore, bench: Benchmark, cfg: RowSettings, recipe: RecipeConfig | str,
@@ -240,7 +252,7 @@ def learned_annotator(store: ResultStore, bench: Benchmark, cfg: RowSettings, re
             "generator": fingerprint(G), "labelled": fingerprint(labelled), "val": fingerprint(val),
             "annotator_val": fingerprint(bench.annotator_val),
             "annotator": {"kind": "fpn", "width": cfg.annotator_width},
-            "segmenter": {"kind": "unet", "width": cfg.width}, "n_classes": bench.n_classes}
+            "segmenter": segmenter_spec(cfg.matching_segmenter, cfg), "n_classes": bench.n_classes}
     def compute(work):
         A, S = _networks(bench, G, cfg, seed)
         res = learn_annotator(G, A, S, labelled, rcfg, val=val, annotator_val=bench.annotator_val,
@@ -284,7 +296,7 @@ def maml_annotator(store: ResultStore, bench: Benchmark, cfg: RowSettings, recip
             "generator": fingerprint(G), "labelled": fingerprint(labelled), "val": fingerprint(val),
             "annotator_val": fingerprint(bench.annotator_val),
             "annotator": {"kind": "fpn", "width": cfg.annotator_width},
-            "segmenter": {"kind": "unet", "width": cfg.width}, "n_classes": bench.n_classes}
+            "segmenter": segmenter_spec(cfg.matching_segmenter, cfg), "n_classes": bench.n_classes}
     def compute(work):
         warm = learn_annotator(G, *_networks(bench, G, cfg, seed), labelled, rcfg.replace(steps=0), val=val,
                                cache_dir=store.root / "stages")                     # stages 1 and 2, shared
@@ -327,8 +339,8 @@ def load_annotator(entry: StoreEntry, bench: Benchmark, generator: str | None = 
     return load_state_dict_checked(A, entry.tensors()["annotator"], f"annotator in {entry.path}").to(G.device).eval()
 
 def load_segmenter(entry: StoreEntry, bench: Benchmark, key: str = "segmenter") -> nn.Module:
-    "The U-Net of a stored entry (a segmenter run, or the matching segmenter of an annotator run), in eval mode."
-    S = UNet(bench.n_classes, width=entry.spec["segmenter"]["width"])
+    "The segmenter of a stored entry (a segmenter run, or the matching segmenter of an annotator run), in eval mode."
+    S = build_row_segmenter(entry.spec["segmenter"], bench.n_classes)
     return load_state_dict_checked(S, entry.tensors()[key], f"{key} in {entry.path}").eval()
 
 # %% ../../nbs/bench/00_harness.ipynb #4a7e0026
@@ -336,12 +348,12 @@ def _segmenter_run(store: ResultStore, spec: dict, batches_fn: Callable, steps: 
                    cfg: RowSettings, seed: int, what: str) -> StoreEntry:
     "Train a U-Net, freshly initialised from `seed`, on `batches_fn()` for `steps` steps, through the store."
     spec = {"version": STAGE_VERSIONS["segmenter"], **spec, "steps": steps, "val": fingerprint(val), "seed": seed,
-            "segmenter": {"kind": "unet", "width": cfg.width}, "eval_every": max(1, steps // 6)}
+            "segmenter": segmenter_spec(cfg.segmenter, cfg), "eval_every": max(1, steps // 6)}
     def compute(work):
         t0 = time.perf_counter()
         batches = batches_fn()
-        seed_everything(seed)      # the U-Net's initial weights depend on the seed alone
-        run = train_segmenter(UNet(val.n_classes, width=cfg.width), batches, steps, val=val,
+        seed_everything(seed)      # the segmenter's initial weights depend on the seed alone
+        run = train_segmenter(build_row_segmenter(spec["segmenter"], val.n_classes), batches, steps, val=val,
                               eval_every=max(1, steps // 6), out_dir=work, resume=True, data=store.key(spec), seed=seed,
                               desc=what)
         result = {"minutes": (time.perf_counter() - t0) / 60, "best_step": run.best_step,
@@ -389,12 +401,13 @@ def mean_teacher_segmenter(store: ResultStore, bench: Benchmark, cfg: RowSetting
     steps = cfg.supervised_steps
     spec = {"version": STAGE_VERSIONS["segmenter"], "method": "mean_teacher", "labelled": fingerprint(labelled),
             "unlabelled": f"{bench.name}:unlabelled:{cfg.n_unlabelled}", "mean_teacher": mt.changes(), "steps": steps,
-            "val": fingerprint(val), "seed": seed, "segmenter": {"kind": "unet", "width": cfg.width},
+            "val": fingerprint(val), "seed": seed, "segmenter": segmenter_spec(cfg.segmenter, cfg),
             "eval_every": max(1, steps // 6)}
     def compute(work):
         t0, unlabelled = time.perf_counter(), bench.unlabelled(cfg.n_unlabelled)
         seed_everything(seed)
-        run = train_mean_teacher(UNet(bench.n_classes, width=cfg.width), labelled, unlabelled, steps,
+        student = build_row_segmenter(spec["segmenter"], bench.n_classes)
+        run = train_mean_teacher(student, labelled, unlabelled, steps,
                                  config=mt.replace(eval_every=max(1, steps // 6)), val=val, out_dir=work, resume=True,
                                  seed=seed)
         result = {"minutes": (time.perf_counter() - t0) / 60, "best_step": run.best_step,
