@@ -4,11 +4,13 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# Experiment notebooks in name order, except that stylegan2_toyfaces runs first: it trains the generator snapshots
-# (lagm_nb/data/toyfaces_gan) that procedural annotates.
+# Experiment notebooks in name order, except that stylegan2_toyfaces runs first (it scores, or in its full profile
+# trains, the generator snapshots that the toy-face experiments annotate) and report runs last (it reads the claim
+# files that the others write).
 GAN_FIRST := nbs/experiments/stylegan2_toyfaces.ipynb
-EXPERIMENTS := $(filter $(GAN_FIRST),$(wildcard nbs/experiments/*.ipynb)) \
-               $(filter-out $(GAN_FIRST),$(sort $(wildcard nbs/experiments/*.ipynb)))
+REPORT_LAST := nbs/experiments/report.ipynb
+EXPERIMENTS := $(GAN_FIRST) $(filter-out $(GAN_FIRST) $(REPORT_LAST),$(sort $(wildcard nbs/experiments/*.ipynb))) \
+               $(REPORT_LAST)
 export OMP_NUM_THREADS ?= 2
 
 .PHONY: test reproduce install check-export check-clean lint nbtest pytest smoke fetch labels
@@ -73,7 +75,7 @@ smoke: $(STAMP) fetch
 	@for nb in $(EXPERIMENTS); do \
 	  echo "papermill (smoke) $$nb"; \
 	  $(BIN)/papermill --log-level WARNING "$$nb" "runs/smoke/$$(basename $$nb)" -p profile smoke -p out_dir runs/smoke \
-	    -p store_dir runs/smoke/store -p work_dir runs/smoke/work || exit 1; \
+	    -p store_dir runs/smoke/store -p work_dir runs/smoke/work -p runs_dir runs/smoke || exit 1; \
 	done
 
 test: check-export check-clean nbtest pytest smoke
@@ -82,8 +84,10 @@ test: check-export check-clean nbtest pytest smoke
 # to figures/, executed notebooks to runs/ (ignored by git: they are large and the figures carry the results).
 reproduce: $(STAMP) fetch
 	@mkdir -p runs figures
-	$(BIN)/papermill --log-level WARNING nbs/index.ipynb runs/index.ipynb
-	@for nb in $(EXPERIMENTS); do \
+	@start=$$(date +%s); \
+	$(BIN)/papermill --log-level WARNING nbs/index.ipynb runs/index.ipynb || exit 1; \
+	for nb in $(EXPERIMENTS); do \
 	  echo "papermill $$nb"; \
 	  $(BIN)/papermill --log-level WARNING "$$nb" "runs/$$(basename $$nb)" || exit 1; \
-	done
+	done; \
+	echo "make reproduce: $$(( ($$(date +%s) - start) / 60 )) min"
