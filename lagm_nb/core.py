@@ -14,8 +14,8 @@ from torch import nn
 
 # %% auto #0
 __all__ = ['default_device', 'seed_everything', 'step_seed', 'CheckpointError', 'save_checkpoint', 'load_checkpoint',
-           'load_state_dict_checked', 'write_text_atomic', 'write_jsonl', 'Config', 'RunDir', 'FiniteGuard', 'notify',
-           'fingerprint']
+           'load_state_dict_checked', 'write_text_atomic', 'write_jsonl', 'Config', 'world', 'mean_over_ranks_',
+           'mean_over_ranks', 'RunDir', 'FiniteGuard', 'notify', 'fingerprint']
 
 # %% ../nbs/00_core.ipynb #08f31717
 def _mps_available() -> bool:
@@ -146,6 +146,25 @@ class Config:
         default = type(self)().to_dict()
         return {k: v for k, v in self.to_dict().items() if v != default[k]}
 
+# %% ../nbs/00_core.ipynb #5e1a0c21
+def world() -> tuple[int, int]:
+    "(rank, number of ranks) of this process: (0, 1) unless torch.distributed is initialised."
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+def mean_over_ranks_(tensors: Iterable[torch.Tensor | None]) -> None:
+    "Replace every tensor by its mean over the ranks, in place (None entries are skipped)."
+    if world()[1] == 1: return
+    for t in tensors:
+        if t is not None: torch.distributed.all_reduce(t); t.div_(world()[1])
+
+def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    "The mean of `t` over the ranks, differentiable: its gradient reaches every rank's own `t`."
+    if world()[1] == 1: return t
+    from torch.distributed.nn.functional import all_reduce
+    return all_reduce(t) / world()[1]
+
 # %% ../nbs/00_core.ipynb #5e1a0c02
 def _jsonable(x): return json.loads(json.dumps(x, default=str))
 
@@ -172,6 +191,7 @@ class RunDir:
     def __init__(self, out_dir: str | Path | None, kind: str, settings: dict, restartable: Iterable[str] = (),
                  defaults: dict | None = None):
         self.dir = Path(out_dir) if out_dir is not None else None
+        self.writes = world()[0] == 0                     # only rank 0 of a multi-process run writes
         self.kind, self.settings, self.restartable = kind, _jsonable(settings), set(restartable)
         self.defaults = _jsonable(defaults or {})     # what a setting that a checkpoint does not record was then
         self.history: list[dict] = []
@@ -193,9 +213,9 @@ class RunDir:
         state, path = _newest_readable(found, self.kind, map_location) if resume else (None, None)
         if state is not None:
             _check_settings(self.settings, {**self.defaults, **state["settings"]}, self.restartable, path)
-        else: self._clear(found, resume)
+        elif self.writes: self._clear(found, resume)
         self.history = list(state["history"]) if state else []
-        write_jsonl(self.dir / "log.jsonl", self.history)
+        if self.writes: write_jsonl(self.dir / "log.jsonl", self.history)
         return state
 
     def _clear(self, found: list[Path], resume: bool):
@@ -210,12 +230,12 @@ class RunDir:
     def record(self, r: dict):
         "Append a record to the history and, with a folder, to `log.jsonl`."
         self.history.append(r)
-        if self.dir is not None:
+        if self.dir is not None and self.writes:
             with open(self.dir / "log.jsonl", "a") as f: f.write(json.dumps(r) + "\n")
 
     def save(self, state: dict):
         "Write `state` (with the settings and the history) as the new checkpoint; the old one becomes the previous."
-        if self.dir is None: return
+        if self.dir is None or not self.writes: return
         new, prev = self.checkpoints
         if new.exists(): os.replace(new, prev)
         save_checkpoint({"settings": self.settings, "history": self.history, **state}, new, self.kind)

@@ -12,8 +12,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from .core import (Config, FiniteGuard, RunDir, default_device, fingerprint, load_state_dict_checked, notify,
-                          step_seed)
+from .core import (Config, FiniteGuard, RunDir, default_device, fingerprint, load_state_dict_checked,
+                          mean_over_ranks, mean_over_ranks_, notify, step_seed, world)
 from .datasets import BatchSource, LabelledImages, check_classes, resize_pair
 from .generators import FeatureGenerator
 from .annotator import PixelMLPAnnotator
@@ -21,9 +21,10 @@ from .gradmatch import GradientMatchingLoss, segmentation_loss
 from .metrics import confusion_matrix, evaluate_segmenter, scores
 
 # %% auto #0
-__all__ = ['PRESETS', 'SEGMENTER_STATES', 'GMConfig', 'evaluate_annotator', 'labelled_batch', 'annotate', 'update_annotator',
-           'annotator_step', 'segmenter_step', 'check_segmenter_state', 'update_segmenter', 'GMResult',
-           'make_optimizer', 'evaluate_run', 'train_gradient_matching', 'fit_annotator']
+__all__ = ['PRESETS', 'SEGMENTER_STATES', 'GMConfig', 'evaluate_annotator', 'rank_share', 'labelled_batch', 'generated_batch',
+           'precision_context', 'annotate', 'update_annotator', 'annotator_step', 'segmenter_step',
+           'check_segmenter_state', 'update_segmenter', 'GMResult', 'make_optimizer', 'evaluate_run',
+           'train_gradient_matching', 'fit_annotator']
 
 # %% ../nbs/09_train.ipynb #2f4cb78e
 PRESETS: dict[str, dict] = {"paper": {}}
@@ -36,6 +37,7 @@ class GMConfig(Config):
     labelled_batch_size: int = 2          # labelled images per batch
     segmenter_every: int = 1              # K: a segmenter step every K annotator steps
     segmenter_state: str = "learned"      # "learned" (Algorithm 1), "reinit" or "fixed": the states of Fig. C.4
+    precision: str = "fp32"               # "fp32", or "bf16": networks' forward passes in bfloat16 autocast
     reinit_every: int = 1                 # with "reinit": draw fresh segmenter weights every this many steps
     annotator_optimizer: str = "sgd"      # "sgd" or "adam"
     annotator_lr: float = 1e-3
@@ -73,13 +75,29 @@ def evaluate_annotator(generator: FeatureGenerator, annotator: nn.Module, z: tor
     return cm
 
 # %% ../nbs/09_train.ipynb #a1g0r001
+def rank_share(n: int) -> slice:
+    "This rank's share of a batch of `n` per rank drawn for all ranks together (all of it in a single process)."
+    rank, _ = world()
+    return slice(rank * n, (rank + 1) * n)
+
 def labelled_batch(labelled: LabelledImages | BatchSource, config: GMConfig, step: int, device) -> tuple:
     "Algorithm 1, line 2: the labelled batch of `step`, drawn from a `LabelledImages` set or from a batch source."
     if callable(labelled): return tuple(v.to(device) for v in labelled(step))
     g = torch.Generator().manual_seed(step_seed(config.seed, step, "labelled"))
     pick = torch.randperm(len(labelled), generator=g)
-    pick = pick[:config.labelled_batch_size]
+    pick = pick[:config.labelled_batch_size * world()[1]][rank_share(config.labelled_batch_size)]
     return labelled.images[pick].to(device), labelled.masks[pick].to(device)
+
+def generated_batch(generator: FeatureGenerator, config: GMConfig, step: int, stream: str):
+    "Algorithm 1, lines 4 and 9: images and features of `batch_size` latents of `step` (this rank's share of them)."
+    z = generator.latents(config.batch_size * world()[1], seed=step_seed(config.seed, step, stream))
+    return generator.sample(z=z[rank_share(config.batch_size)])
+
+def precision_context(config: GMConfig, device):
+    "bfloat16 autocast for the forward passes when `config.precision` is 'bf16' (weights and optimisers stay fp32)."
+    if config.precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be 'fp32' or 'bf16', not {config.precision!r}")
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
 
 def annotate(annotator: nn.Module, features: list[torch.Tensor], graph: bool) -> torch.Tensor:
     """Soft labels A_w(h): train mode with the graph for matching (line 4), eval mode without it for the segmenter
@@ -91,20 +109,25 @@ def annotate(annotator: nn.Module, features: list[torch.Tensor], graph: bool) ->
 
 # %% ../nbs/09_train.ipynb #a1g0r003
 def update_annotator(loss: torch.Tensor, annotator: nn.Module, optimizer: torch.optim.Optimizer):
-    "One optimiser step of the annotator on `loss`, with NaN and infinite gradient entries zeroed."
+    "One optimiser step of the annotator on `loss`, NaN and infinite gradient entries zeroed, averaged over ranks."
     params = list(annotator.parameters())
     grads = torch.autograd.grad(loss, params, allow_unused=True)
     for p, g in zip(params, grads): p.grad = None if g is None else torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
+    mean_over_ranks_(p.grad for p in params)
     optimizer.step()
+    mean_over_ranks_(b for b in annotator.buffers() if b.is_floating_point())   # BatchNorm statistics agree
 
 def annotator_step(gm: GradientMatchingLoss, generator: FeatureGenerator, annotator: nn.Module,
                    optimizer: torch.optim.Optimizer, labelled, config: GMConfig, step: int, device) -> torch.Tensor:
     "Algorithm 1, lines 2-7: one annotator update on the matching loss; returns the loss (detached)."
-    xl, yl = resize_pair(*labelled_batch(labelled, config, step, device), config.segmenter_size, config.resize_mode)
-    target = gm.gradients(xl, yl)                                                    # line 3
-    x, h = generator.sample(config.batch_size, seed=step_seed(config.seed, step, "match"))          # line 4
-    x, q = resize_pair(x, annotate(annotator, h, graph=True), config.segmenter_size, config.resize_mode)
-    loss = gm(target, gm.gradients(x, q, create_graph=True))                        # lines 5-6
+    with precision_context(config, device):
+        xl, yl = resize_pair(*labelled_batch(labelled, config, step, device), config.segmenter_size, config.resize_mode)
+        target = gm.gradients(xl, yl)                                                # line 3
+        mean_over_ranks_(target)
+        x, h = generated_batch(generator, config, step, "match")                     # line 4
+        x, q = resize_pair(x, annotate(annotator, h, graph=True), config.segmenter_size, config.resize_mode)
+        generated = [mean_over_ranks(g) for g in gm.gradients(x, q, create_graph=True)]   # line 5
+    loss = gm([t.float() for t in target], [g.float() for g in generated])          # line 6, in fp32
     update_annotator(loss, annotator, optimizer)                                     # line 7
     return loss.detach()
 
@@ -112,11 +135,15 @@ def annotator_step(gm: GradientMatchingLoss, generator: FeatureGenerator, annota
 def segmenter_step(generator: FeatureGenerator, annotator: nn.Module, segmenter: nn.Module,
                    optimizer: torch.optim.Optimizer, config: GMConfig, step: int) -> torch.Tensor:
     "Algorithm 1, lines 9-11: one segmenter update on a fresh annotated generated batch; returns its loss (detached)."
-    x, h = generator.sample(config.batch_size, seed=step_seed(config.seed, step, "segment"))     # line 9
-    x, q = resize_pair(x, annotate(annotator, h, graph=False), config.segmenter_size, config.resize_mode)
-    segmenter.train()
-    loss = segmentation_loss(segmenter(x), q)                                                  # line 10
-    optimizer.zero_grad(set_to_none=True); loss.backward(); optimizer.step()                     # line 11
+    with precision_context(config, generator.device):
+        x, h = generated_batch(generator, config, step, "segment")                              # line 9
+        x, q = resize_pair(x, annotate(annotator, h, graph=False), config.segmenter_size, config.resize_mode)
+        segmenter.train()
+        loss = segmentation_loss(segmenter(x), q)                                              # line 10
+    optimizer.zero_grad(set_to_none=True); loss.backward()
+    mean_over_ranks_(p.grad for p in segmenter.parameters())
+    optimizer.step()                                                                             # line 11
+    mean_over_ranks_(b for b in segmenter.buffers() if b.is_floating_point())
     return loss.detach()
 
 # %% ../nbs/09_train.ipynb #a1g0r011
@@ -213,7 +240,8 @@ def train_gradient_matching(generator: FeatureGenerator, annotator: nn.Module, s
                         "time": elapsed})
             bar.set_postfix(gm_loss=f"{loss.item():.3f}")
             notify(callbacks, "log", run.history[-1], generator=generator, annotator=annotator, segmenter=segmenter)
-        if (t % cfg.eval_every == 0 or t == cfg.steps) and (val is not None or annotator_val is not None):
+        evaluating = run.writes and (val is not None or annotator_val is not None)    # rank 0 validates
+        if evaluating and (t % cfg.eval_every == 0 or t == cfg.steps):
             scored = evaluate_run(generator, annotator, segmenter, cfg, val, annotator_val)
             run.record({"step": t, "time": elapsed, **scored})
             notify(callbacks, "eval", run.history[-1], generator=generator, annotator=annotator, segmenter=segmenter)

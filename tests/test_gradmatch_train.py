@@ -161,3 +161,19 @@ def test_callbacks_see_every_record_and_change_nothing(setup):
     plain = train_gradient_matching(G, *_nets(G), lab, cfg, val=lab, progress=False)
     assert events == [("log", 2), ("eval", 2), ("log", 4), ("eval", 4)]
     assert all(torch.equal(a, b) for a, b in zip(watched.annotator.state_dict().values(), plain.annotator.state_dict().values()))
+
+
+def test_bf16_matching_loss_stays_within_5_percent_of_fp32(setup):
+    from lagm_nb.train import annotator_step
+    G, lab = setup
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        A, S = _nets(G)
+        gm = GradientMatchingLoss(S, "all")
+        opt = torch.optim.SGD(A.parameters(), lr=0.0)     # the same annotator at every step
+        cfg = GMConfig(precision=precision, batch_size=2)
+        losses[precision] = [annotator_step(gm, G, A, opt, lab, cfg, t, "cpu").item() for t in (1, 2, 3)]
+    assert losses["bf16"] != losses["fp32"]
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.05)
+    with pytest.raises(ValueError, match="precision must be"):
+        annotator_step(gm, G, A, opt, lab, GMConfig(precision="fp16"), 1, "cpu")
