@@ -6,7 +6,7 @@ each run once per machine."""
 
 # %% ../../nbs/bench/00_harness.ipynb #4a7e0003
 from __future__ import annotations
-import dataclasses, hashlib, json, shutil, time, warnings
+import dataclasses, hashlib, json, shutil, subprocess, sys, time, warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar
@@ -16,10 +16,14 @@ from torch import nn
 from ..core import (Config, default_device, fingerprint, load_checkpoint, load_state_dict_checked, save_checkpoint,
                           seed_everything, step_seed, write_text_atomic)
 from ..datasets import LabelledImages
-from ..generators import FeatureGenerator
+from ..generators import FeatureGenerator, HookedGenerator
+from ..stylegan2 import Generator
 from ..annotator import FPNAnnotator, PixelMLPAnnotator
 from ..segmenters import SEGMENTERS, build_segmenter
-from ..train import evaluate_annotator, fit_annotator, segmenter_step, train_gradient_matching
+from ..train import GMConfig, evaluate_annotator, fit_annotator, segmenter_step, train_gradient_matching
+from ..maml import MAMLConfig, step_cost, train_maml
+from ..inversion import InversionConfig, inversion_annotator
+from ..meanteacher import MeanTeacherConfig, train_mean_teacher
 from ..recipe import RECIPES, RecipeConfig, learn_annotator
 from ..downstream import labelled_batches, synthetic_batches, train_segmenter
 from ..metrics import evaluate_segmenter, scores
@@ -31,7 +35,8 @@ __all__ = ['STAGE_VERSIONS', 'SMOKE', 'PROFILES', 'MONITORING', 'draw_indices', 
            'load_annotator', 'load_segmenter', 'supervised_segmenter', 'oracle_segmenter', 'mean_teacher_segmenter',
            'downstream_segmenter', 'segmenter_scores', 'annotator_scores', 'parse_method', 'row_annotator', 'run_row',
            'mean_std', 'summarize', 'results_frame', 'annotator_study', 'seconds_per_gm_step',
-           'seconds_per_segmenter_step']
+           'seconds_per_segmenter_step', 'paper_scale_networks', 'benchmark_step', 'fit_memory', 'in_subprocess',
+           'pixel_feature_bytes']
 
 # %% ../../nbs/bench/00_harness.ipynb #4a7e0006
 def draw_indices(pool_size: int, n: int, seed: int) -> list[int]:
@@ -288,7 +293,6 @@ def datasetgan_annotator(store: ResultStore, bench: Benchmark, cfg: RowSettings,
 def maml_annotator(store: ResultStore, bench: Benchmark, cfg: RowSettings, recipe: RecipeConfig | str, source: str,
                    n: int, seed: int, inner_steps: int = 1, generator: str | None = None) -> StoreEntry:
     "An FPN annotator whose matching stage is K-step MAML (Algorithm 2) instead of Algorithm 1."
-    from lagm_nb.maml import MAMLConfig, train_maml
     G, rcfg = bench.generator(generator), annotator_recipe(recipe, cfg, seed)
     labelled, val = draw_labelled(bench.pools[source], n, seed), bench.vals[source]
     mcfg = MAMLConfig.from_dict({**rcfg.matching().to_dict(), "inner_steps": inner_steps})
@@ -313,7 +317,6 @@ def maml_annotator(store: ResultStore, bench: Benchmark, cfg: RowSettings, recip
 def inverted_annotator(store: ResultStore, bench: Benchmark, cfg: RowSettings, source: str, n: int, seed: int,
                        generator: str | None = None) -> StoreEntry:
     "An FPN annotator fitted on the features of the labelled images' latents, recovered by inversion (Table C.5)."
-    from lagm_nb.inversion import InversionConfig, inversion_annotator
     G, labelled = bench.generator(generator), draw_labelled(bench.pools[source], n, seed)
     icfg = InversionConfig(steps=cfg.inversion_steps, restarts=cfg.inversion_restarts, seed=seed)
     spec = {"version": STAGE_VERSIONS["annotator"], "method": "inversion", "inversion": icfg.changes(),
@@ -395,7 +398,6 @@ def oracle_segmenter(store: ResultStore, bench: Benchmark, cfg: RowSettings, n: 
 def mean_teacher_segmenter(store: ResultStore, bench: Benchmark, cfg: RowSettings, source: str, n: int,
                            seed: int) -> StoreEntry:
     "The Mean Teacher U-Net trained on the `n` labelled images of `source` and `n_unlabelled` unlabelled ones."
-    from lagm_nb.meanteacher import MeanTeacherConfig, train_mean_teacher
     if bench.unlabelled is None: raise ValueError(f"{bench.name} has no unlabelled images for Mean Teacher")
     labelled, val, mt = draw_labelled(bench.pools[source], n, seed), bench.vals[source], MeanTeacherConfig()
     steps = cfg.supervised_steps
@@ -552,3 +554,55 @@ def seconds_per_segmenter_step(G: FeatureGenerator, annotator: nn.Module, segmen
         segmenter_step(G, annotator, segmenter, opt, config, t); sync()
         times.append(time.perf_counter() - t0)
     return sum(times[warmup:]) / steps
+
+# %% ../../nbs/bench/00_harness.ipynb #4a7e0071
+def paper_scale_networks(size: int, segmenter: str = "unet", n_classes: int = 8, seed: int = 0, device=None):
+    "A random StyleGAN2 of the official configuration at `size` px (hooked), an FPN of width 128 and a segmenter."
+    torch.manual_seed(seed)
+    G = Generator(512, 0, 512, size, 3, mapping_kwargs=dict(num_layers=8),
+                  synthesis_kwargs=dict(channel_base=32768, channel_max=512)).eval()
+    G = HookedGenerator(G.to(default_device(device)), r"synthesis\.b\d+", 512, truncation_psi=0.7)
+    A = FPNAnnotator(G.feature_shapes, n_classes, G.image_size, width=128)
+    S = build_segmenter(segmenter, n_classes, **({"width": 64} if segmenter == "unet" else {}))
+    return G, A, S
+
+def benchmark_step(size: int, segmenter: str = "unet", match: str = "head", precision: str = "fp32",
+                   kind: str = "gm", inner_steps: int = 1, steps: int = 10, warmup: int = 3, device=None) -> dict:
+    "Seconds per step and peak memory of Algorithm 1 (`kind='gm'`) or 2 (`'maml'`) at the paper's sizes, batch 2."
+    G, A, S = paper_scale_networks(size, segmenter, device=device)
+    labelled = LabelledImages(G.sample(2, seed=1)[0].cpu(), torch.zeros(2, size, size, dtype=torch.long), 8)
+    gm = GMConfig(match=match, precision=precision, batch_size=2, labelled_batch_size=2)
+    cfg = MAMLConfig.from_dict({**gm.to_dict(), "inner_steps": inner_steps}) if kind == "maml" else gm
+    cost = step_cost(kind, G, A, S, labelled, cfg, warmup, steps, device)
+    return {"size": size, "segmenter": segmenter, "match": match, "precision": precision, "kind": kind,
+            **({"inner_steps": inner_steps} if kind == "maml" else {}), **cost}
+
+def fit_memory(kind: str, size: int, n_images: int = 2, steps: int = 2, device=None) -> dict:
+    "Peak memory of fitting (Eq. 3) an FPN (`kind='fpn'`) or DatasetGAN's pixel MLP (`'pixel_mlp'`) at `size` px."
+    G, A, _ = paper_scale_networks(size, device=device)
+    if kind == "pixel_mlp": A = PixelMLPAnnotator(G.feature_shapes, 8, G.image_size, n_members=1)
+    z, masks = G.latents(n_images, seed=0), torch.zeros(n_images, size, size, dtype=torch.long)
+    cuda = G.device.type == "cuda"
+    if cuda: torch.cuda.reset_peak_memory_stats(G.device)
+    base = torch.cuda.memory_allocated(G.device) if cuda else _peak_rss()
+    fit_annotator(G, A, z, masks, steps=steps, batch_size=min(2, n_images), progress=False)
+    peak = torch.cuda.max_memory_allocated(G.device) if cuda else _peak_rss()
+    return {"annotator": kind, "size": size, "n_images": n_images, "peak_memory_mib": (peak - base) / 2**20}
+
+def _peak_rss() -> int:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+def in_subprocess(function: str, **kwargs) -> dict:
+    "`lagm_nb.bench.harness.<function>(**kwargs)` in a fresh Python process (so that its peak memory is its own)."
+    code = ("import json, sys; from lagm_nb.bench import harness; "
+            "print('RESULT ' + json.dumps(getattr(harness, sys.argv[1])(**json.loads(sys.argv[2]))))")
+    out = subprocess.run([sys.executable, "-c", code, function, json.dumps(kwargs)], capture_output=True, text=True)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    if out.returncode or not lines:
+        raise RuntimeError(f"{function}({kwargs}) failed: {(out.stderr or out.stdout).strip().splitlines()[-3:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+def pixel_feature_bytes(feature_shapes, size: int, n_images: int) -> int:
+    "What DatasetGAN keeps in memory to train its pixel MLP: every pixel's upsampled features, float32."
+    return n_images * size * size * sum(c for c, _, _ in feature_shapes) * 4
