@@ -110,8 +110,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                       'lagm_nb/bench/harness.py'),
                                        'lagm_nb.bench.harness.Benchmark.n_classes': ( 'bench/harness.html#benchmark.n_classes',
                                                                                       'lagm_nb/bench/harness.py'),
-                                       'lagm_nb.bench.harness.Benchmark.parse': ( 'bench/harness.html#benchmark.parse',
-                                                                                  'lagm_nb/bench/harness.py'),
                                        'lagm_nb.bench.harness.ExperimentConfig': ( 'bench/harness.html#experimentconfig',
                                                                                    'lagm_nb/bench/harness.py'),
                                        'lagm_nb.bench.harness.ProfileConfig': ( 'bench/harness.html#profileconfig',

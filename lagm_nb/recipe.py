@@ -142,7 +142,7 @@ def learn_annotator(generator: FeatureGenerator, annotator: nn.Module, segmenter
                              "minutes": minutes}, warm_path, "recipe_warm_start")
     target = (labelled_batches(labelled, cfg.labelled_batch_size, seed=cfg.seed, device=device)
               if cfg.augment_labelled else labelled)
-    match_dir = cache / f"match-{key_match}" if cache else None
+    match_dir = cache / f"match-{key_match}" if cache and cfg.steps else None   # no matching, no folder
     res = train_gradient_matching(generator, annotator, segmenter, target, cfg.matching(), val=val,
                                   annotator_val=annotator_val, out_dir=match_dir, resume=match_dir is not None,
                                   device=device, progress=progress, callbacks=callbacks)

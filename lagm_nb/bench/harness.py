@@ -213,13 +213,6 @@ class Benchmark:
     def generator(self, name: str | None = None) -> FeatureGenerator:
         return self.generators(name or self.generator_names[0])
 
-    def parse(self, method: str) -> tuple[str, str]:
-        "(what the method does, the source of its labels) from a name such as 'gm_foreign'."
-        kind, _, suffix = method.partition("_")
-        if suffix not in self.sources:
-            raise ValueError(f"{self.name}: method {method!r} names no source; suffixes are {sorted(self.sources)}")
-        return kind, self.sources[suffix]
-
 # %% ../../nbs/bench/00_harness.ipynb #4a7e0021
 MONITORING = dict(eval_every=100, log_every=25, checkpoint_every=100)   # validation cadence of every annotator run
 
