@@ -19,10 +19,11 @@ from .metrics import evaluate_segmenter, scores
 from .factory import (SyntheticDataset, export_dataset, load_annotator, load_segmenter, read_export_manifest,
                              save_annotator, save_segmenter)
 from .zoo import ZOO, ZooError, face_generator
+from .loaders import PAPER_CONFIGS, paper_config
 
 # %% auto #0
-__all__ = ['USER_ERRORS', 'load_generator', 'read_labelled', 'cmd_learn', 'cmd_export', 'cmd_train', 'score_rows', 'cmd_evaluate',
-           'build_parser', 'main']
+__all__ = ['USER_ERRORS', 'load_generator', 'read_labelled', 'cmd_learn', 'learn_recipe', 'cmd_export', 'cmd_train', 'score_rows',
+           'cmd_evaluate', 'build_parser', 'main']
 
 # %% ../nbs/18_cli.ipynb #c1000006
 def _toyfaces_generator(device) -> FeatureGenerator:
@@ -116,21 +117,30 @@ def _refuse_overwrite(path: Path, overwrite: bool):
 # %% ../nbs/18_cli.ipynb #c1000012
 def cmd_learn(args) -> str:
     out = Path(args.out); _refuse_overwrite(out, args.overwrite)
+    recipe_name, recipe = learn_recipe(args)
     G = load_generator(args.generator, args.device)
     labelled = read_labelled(args, args.classes, G.image_size)
-    changes = {"steps": args.steps, "pretrain_steps": args.pretrain_steps, "seed": args.seed,
-               "warm_start_images": args.warm_start_images, "warm_start_steps": args.warm_start_steps}
-    recipe = RecipeConfig.preset(args.recipe, **{k: v for k, v in changes.items() if v is not None})
     torch.manual_seed(args.seed)
     A = FPNAnnotator(G.feature_shapes, labelled.n_classes, G.image_size, args.annotator_width)
     S = build_segmenter("unet", labelled.n_classes, width=args.segmenter_width)
     result = learn_annotator(G, A, S, labelled, recipe, cache_dir=args.work_dir, device=G.device,
                              progress=not args.quiet)
     save_annotator(result.annotator, out, G, labelled.class_names,
-                   info={"generator": args.generator, "recipe": args.recipe, "config": recipe.to_dict(),
+                   info={"generator": args.generator, "recipe": recipe_name, "paper_config": args.paper_config,
+                         "config": recipe.to_dict(),
                          "labelled": {"images": str(args.images), "masks": str(args.masks), "names": labelled.names},
                          "minutes": result.minutes})
-    return f"annotator ({len(labelled)} labelled images, recipe {args.recipe}) written to {out}"
+    return f"annotator ({len(labelled)} labelled images, recipe {recipe_name}) written to {out}"
+
+def learn_recipe(args) -> tuple[str, RecipeConfig]:
+    "The name and settings of `learn`'s recipe: `--recipe` (default cpu) or `--paper-config`'s, with the overrides."
+    if args.recipe and args.paper_config: raise ValueError("give --recipe or --paper-config, not both")
+    changes = {"steps": args.steps, "pretrain_steps": args.pretrain_steps, "seed": args.seed,
+               "warm_start_images": args.warm_start_images, "warm_start_steps": args.warm_start_steps}
+    if args.paper_config:   # the matching segmenter is a U-Net: the configuration's U-Net recipe (Appendix B)
+        name, recipe = "paper", paper_config(args.paper_config, segmenter="unet").recipe
+    else: name = args.recipe or "cpu"; recipe = RecipeConfig.preset(name)
+    return name, recipe.replace(**{k: v for k, v in changes.items() if v is not None})
 
 def cmd_export(args) -> str:
     spec = args.generator or load_checkpoint(args.annotator, "annotator")["info"].get("generator")
@@ -184,7 +194,9 @@ def _add_learn(sub, common):
                        description="Learn an annotator from a few labelled images with a recipe of lagm_nb.recipe.")
     p.add_argument("--generator", required=True, help="celeba, digiface, toyfaces or module:function")
     _add_labelled_args(p)
-    p.add_argument("--recipe", choices=sorted(RECIPES), default="cpu", help="annotator-learning recipe (default cpu)")
+    p.add_argument("--recipe", choices=sorted(RECIPES), help="annotator-learning recipe (default cpu)")
+    p.add_argument("--paper-config", choices=list(PAPER_CONFIGS), metavar="NAME",
+                   help=f"the recipe of a paper configuration instead: {', '.join(PAPER_CONFIGS)}")
     p.add_argument("--steps", type=_count(0), help="gradient-matching steps (default: the recipe's)")
     p.add_argument("--pretrain-steps", type=_count(0), help="segmenter pre-training steps (default: the recipe's)")
     p.add_argument("--warm-start-images", type=_count(0), help="pseudo-labelled images of the warm start")

@@ -134,3 +134,28 @@ def test_python_dash_m_runs_the_command_line():
         assert res.returncode == 0 and all(w in res.stdout for w in words), res.stderr
     res = subprocess.run([sys.executable, "-m", "lagm_nb.cli", "export"], capture_output=True, text=True, env=env)
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1 and "required" in res.stderr
+
+
+def test_paper_config_selects_the_papers_recipe(labelled, capsys):
+    from lagm_nb.cli import build_parser, learn_recipe
+    from lagm_nb.loaders import paper_config
+    from lagm_nb.recipe import RecipeConfig
+    d, folder = labelled
+    assert _run("learn", "--generator", TINY, *folder, "--classes", "bg,a,b", "--paper-config", "pascal-horse",
+                "--steps", 2, "--annotator-width", 8, "--segmenter-width", 4, "--out", d / "p.pt") == 0
+    A = load_annotator(d / "p.pt", tiny_generator())
+    # the command line's matching segmenter is a U-Net: the configuration's U-Net recipe (all parameters matched)
+    assert A.info["config"] == paper_config("pascal-horse", "unet").recipe.replace(steps=2).to_dict()
+    assert A.info["config"]["match"] == "all" and A.info["config"]["annotator_momentum"] == 0.9
+    assert A.info["paper_config"] == "pascal-horse" and A.info["recipe"] == "paper"
+    base = ["learn", "--generator", TINY, *folder, "--classes", "3", "--out", str(d / "q.pt")]
+    name, recipe = learn_recipe(build_parser().parse_args(base))
+    assert name == "cpu" and recipe == RecipeConfig.preset("cpu")                        # the default is unchanged
+    capsys.readouterr()
+    assert _run(*base, "--recipe", "cpu", "--paper-config", "car-20") == 2
+    assert "give --recipe or --paper-config, not both" in capsys.readouterr().err
+    assert _run(*base, "--paper-config", "ffhq") == 2
+    assert "invalid choice: 'ffhq'" in capsys.readouterr().err
+    assert main(["learn", "--help"]) == 0
+    shown = " ".join(capsys.readouterr().out.split())
+    assert all(w in shown for w in ("--paper-config", "celebamask-hq", "cgpart-car")), shown
