@@ -16,7 +16,7 @@ from .core import write_text_atomic
 
 # %% auto #0
 __all__ = ['CLAIM_COLUMNS', 'markdown_table', 'save_table', 'class_colormap', 'label_panels', 'plot_vs_labels', 'compare',
-           'save_claims']
+           'save_claims', 'claim_row', 'plot_curves']
 
 # %% ../nbs/13_report.ipynb #9b7f6424
 def markdown_table(rows: list[dict], floatfmt: str = ".2f") -> str:
@@ -106,3 +106,29 @@ def save_claims(rows: list[dict], out_dir: str | Path, name: str, profile: str) 
     w = csv.DictWriter(buf, fieldnames=CLAIM_COLUMNS, extrasaction="ignore")
     w.writeheader(); w.writerows({**r, "profile": profile} for r in rows)
     return write_text_atomic(Path(out_dir) / f"{name}_claims.csv", buf.getvalue())
+
+# %% ../nbs/13_report.ipynb #4e90a017
+def claim_row(df, claim: str, setting: str, a: str, b: str, value: str, paper: str, figure: str,
+              column: str = "method", direction: str = ">", margin: float = 0.0, pair: str = "seed") -> dict | None:
+    "A claim row for `save_claims`: `a` against `b` (values of `column`) on `value`, paired by `pair`; None if absent."
+    side = lambda x: df[df[column] == x].set_index(pair)[value]
+    sa, sb = side(a), side(b)
+    both = [p for p in sa.index if p in set(sb.index)]
+    if not both: return None
+    return {"claim": claim, "setting": setting, "a": a, "b": b, "paper": paper, "figure": figure,
+            **compare([float(sa[p]) for p in both], [float(sb[p]) for p in both], direction, margin)}
+
+# %% ../nbs/13_report.ipynb #4e90a020
+def plot_curves(df, y: str = "val_miou", x: str = "step", hue: str = "variant", order: Sequence[str] | None = None,
+                ax=None, title: str = "", ylabel: str = "annotator val mIoU (%)", xlabel: str = "matching steps"):
+    "One line per `hue` value of `y` against `x` (mean, with a one-std band over seeds); returns the axes."
+    import seaborn as sns
+    ax = ax or plt.subplots(figsize=(7, 4))[1]
+    present = [m for m in (order or sorted(set(df[hue]))) if m in set(df[hue])]
+    several = df.groupby([hue, x]).size().max() > 1
+    sns.lineplot(data=df, x=x, y=y, hue=hue, hue_order=present, marker="o", ax=ax,
+                 errorbar=("sd", 1) if several else None)
+    if ax.get_legend() is not None:
+        sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1), frameon=False, fontsize=8)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    return ax

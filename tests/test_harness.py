@@ -1,11 +1,16 @@
 """lagm_nb.bench.harness: rows through the result store, on a toy benchmark of the tiny generator."""
 import dataclasses
+import shutil
 
 import pytest
 import torch
 
-from lagm_nb.bench.harness import SMOKE, Benchmark, ResultStore, RowSettings, draw_labelled, run_row
+from lagm_nb.bench.harness import (SMOKE, Benchmark, ResultStore, RowSettings, annotator_labels, draw_labelled,
+                                   draw_latents, frame_scores, label_frames, learned_annotator, load_annotator, run_row,
+                                   with_generated_source)
 from lagm_nb.datasets import LabelledImages
+from lagm_nb.recipe import RecipeConfig
+from lagm_nb.segmenters import UNet
 from lagm_nb.testing import TeacherLabeller, tiny_generator
 
 torch.set_num_threads(1)
@@ -46,3 +51,33 @@ def test_deeplab_rows(toy, tmp_path):
     assert 0 <= row["miou"] <= 100
     with pytest.raises(ValueError, match="unknown segmenter"):
         run_row(ResultStore(tmp_path), toy, dataclasses.replace(SETTINGS, segmenter="segformer"), "supervised", 4, 0)
+
+
+def test_label_frames_are_the_stored_run_and_watching_changes_nothing(toy, tmp_path):
+    cfg, z = dataclasses.replace(SETTINGS, gm_steps=6), draw_latents(toy, "gen", 4, 0)
+    store = ResultStore(tmp_path)
+    frames = label_frames(store, toy, cfg, "cpu", "gen", 4, 0, z)
+    labels = frames.tensors()["labels"]
+    stored = load_annotator(learned_annotator(store, toy, cfg, "cpu", "gen", 4, 0), toy)
+    assert frames.result["steps"] == [0, 3, 6] and torch.equal(labels[-1], annotator_labels(stored, toy.generator(), z))
+    assert frames.result["warm_start_reused"]
+    scores = frame_scores(frames, draw_labelled(toy.pools["gen"], 4, 0).masks, toy)
+    assert [s["step"] for s in scores] == [0, 3, 6] and all(0 <= s["miou"] <= 100 for s in scores)
+    shutil.rmtree(frames.path)                                   # without the stage cache: stages 1-2 are rerun too
+    shutil.rmtree(tmp_path / "stages")
+    again = label_frames(ResultStore(tmp_path), toy, cfg, "cpu", "gen", 4, 0, z)
+    assert again.computed and not again.result["warm_start_reused"] and torch.equal(again.tensors()["labels"], labels)
+    other = label_frames(store, toy, cfg, RecipeConfig.preset("cpu", segmenter_every=2), "gen", 4, 0, z)
+    assert other.key != frames.key and torch.equal(other.tensors()["labels"][0], labels[0])   # same warm start
+
+
+def test_a_generated_source_holds_the_labellers_predictions(toy, tmp_path):
+    labeller = UNet(3, width=4).eval()
+    bench = with_generated_source(toy, labeller, n_pool=10, n_val=4, seed=1)
+    pool, z = bench.pools["generated"], bench.pool_latents["generated"]
+    with torch.no_grad():
+        assert torch.equal(pool.masks, labeller(toy.generator().sample(z=z)[0]).argmax(1))
+    assert len(bench.vals["generated"]) == 4 and "generated" not in toy.pools          # the original is unchanged
+    assert 0 <= run_row(ResultStore(tmp_path), bench, SETTINGS, "datasetgan_generated", 4, 0)["miou"] <= 100
+    with pytest.raises(ValueError, match="already has a source"): with_generated_source(bench, labeller, 2, 2, 0)
+    with pytest.raises(ValueError, match="has no latents"): draw_latents(toy, "photo", 2, 0)

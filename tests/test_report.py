@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 import torch
 
-from lagm_nb.report import CLAIM_COLUMNS, compare, markdown_table, save_claims
+from lagm_nb.report import CLAIM_COLUMNS, claim_row, compare, markdown_table, save_claims
 
 
 def test_verdicts_follow_the_paired_rule():
@@ -27,3 +27,12 @@ def test_claims_file_has_the_report_columns(tmp_path):
 
 def test_markdown_table():
     assert markdown_table([{"a": 1, "b": 0.25}], ".1f") == "| a | b |\n|---|---|\n| 1 | 0.2 |\n"
+
+
+def test_claim_row_pairs_by_seed():
+    df = pd.DataFrame({"variant": ["a", "a", "a", "b", "b", "b"], "seed": [2, 0, 1, 0, 1, 3],
+                       "score": [9.0, 5.0, 6.0, 1.0, 3.0, 100.0]})
+    row = claim_row(df, "a wins", "toy", "a", "b", "score", "Table X", "x.md", column="variant")
+    assert row["seeds"] == 2 and row["mean_a"] == 5.5 and row["mean_b"] == 2.0     # seeds 0 and 1 only
+    assert row["verdict"] == "not resolved (2 seeds)" and row["a"] == "a" and row["figure"] == "x.md"
+    assert claim_row(df, "a wins", "toy", "a", "c", "score", "Table X", "x.md", column="variant") is None

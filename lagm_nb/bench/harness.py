@@ -36,7 +36,8 @@ __all__ = ['STAGE_VERSIONS', 'SMOKE', 'PROFILES', 'MONITORING', 'draw_indices', 
            'downstream_segmenter', 'segmenter_scores', 'annotator_scores', 'parse_method', 'row_annotator', 'run_row',
            'mean_std', 'summarize', 'results_frame', 'annotator_study', 'seconds_per_gm_step',
            'seconds_per_segmenter_step', 'paper_scale_networks', 'benchmark_step', 'fit_memory', 'in_subprocess',
-           'pixel_feature_bytes']
+           'pixel_feature_bytes', 'draw_latents', 'annotator_labels', 'label_frames', 'frame_scores',
+           'with_generated_source', 'recipe_step_seconds', 'method_results']
 
 # %% ../../nbs/bench/00_harness.ipynb #4a7e0006
 def draw_indices(pool_size: int, n: int, seed: int) -> list[int]:
@@ -599,3 +600,116 @@ def in_subprocess(function: str, **kwargs) -> dict:
 def pixel_feature_bytes(feature_shapes, size: int, n_images: int) -> int:
     "What DatasetGAN keeps in memory to train its pixel MLP: every pixel's upsampled features, float32."
     return n_images * size * size * sum(c for c, _, _ in feature_shapes) * 4
+
+# %% ../../nbs/bench/00_harness.ipynb #4a7e1071
+from ..metrics import confusion_matrix
+from ..recipe import _stage_keys
+
+STAGE_VERSIONS["frames"] = 1     # raise it when label_frames' code changes its results
+
+def draw_latents(bench: Benchmark, source: str, n: int, seed: int) -> torch.Tensor:
+    "The latents of the `n` labelled images of `source` that a run with `seed` draws (`draw_labelled`'s images)."
+    if source not in bench.pool_latents:
+        raise ValueError(f"{bench.name}: the pool {source!r} has no latents (pools with latents: "
+                         f"{sorted(bench.pool_latents)})")
+    return bench.pool_latents[source][draw_indices(len(bench.pools[source]), n, seed)]
+
+@torch.no_grad()
+def annotator_labels(annotator: nn.Module, G: FeatureGenerator, z: torch.Tensor,
+                     batch_size: int = 16) -> torch.Tensor:
+    "Argmax labels [N, H, W] (uint8, CPU) for the images of latents `z`; the annotator's mode and torch's RNG kept."
+    was_training = annotator.training
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+        annotator.eval()
+        try: return torch.cat([annotator(G.sample(z=z[i:i+batch_size])[1]).argmax(1).to(torch.uint8).cpu()
+                               for i in range(0, len(z), batch_size)])
+        finally: annotator.train(was_training)
+
+# %% ../../nbs/bench/00_harness.ipynb #4a7e1072
+def _copy_warm_start(store: ResultStore, rcfg: RecipeConfig, cache: Path, *things) -> bool:
+    "Copy a run's stage 1-2 result from the store's stage cache into `cache`; whether there was one to copy."
+    src = store.root / "stages" / f"warm-{_stage_keys(rcfg, *things)[1]}.pt"
+    if not src.exists(): return False
+    cache.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(src, cache / src.name)
+    return True
+
+def label_frames(store: ResultStore, bench: Benchmark, cfg: RowSettings, recipe: RecipeConfig | str, source: str,
+                 n: int, seed: int, z: torch.Tensor, generator: str | None = None) -> StoreEntry:
+    "The labels for latents `z` of a `learned_annotator` run's annotator at step 0 and at each of its evaluations."
+    run = learned_annotator(store, bench, cfg, recipe, source, n, seed, generator)
+    spec = {**run.spec, "frames_version": STAGE_VERSIONS["frames"], "frames_of": run.key, "latents": fingerprint(z)}
+    def compute(work):
+        t0, G, rcfg = time.perf_counter(), bench.generator(generator), annotator_recipe(recipe, cfg, seed)
+        labelled, val, cache = draw_labelled(bench.pools[source], n, seed), bench.vals[source], work / "stages"
+        reused = _copy_warm_start(store, rcfg, cache, G, labelled, val, *_networks(bench, G, cfg, seed))
+        steps, frames = [0], []
+        start = learn_annotator(G, *_networks(bench, G, cfg, seed), labelled, rcfg.replace(steps=0), val=val,
+                                cache_dir=cache, progress=False)               # stages 1-2 only: the step-0 labels
+        frames.append(annotator_labels(start.annotator, G, z))
+        def keep(event):
+            if event["kind"] == "eval":
+                steps.append(event["record"]["step"]); frames.append(annotator_labels(event["annotator"], G, z))
+        learn_annotator(G, *_networks(bench, G, cfg, seed), labelled, rcfg, val=val, annotator_val=bench.annotator_val,
+                        cache_dir=cache, progress=False, callbacks=[keep])
+        same = torch.equal(frames[-1], annotator_labels(load_annotator(run, bench, generator), G, z))
+        if not same: warnings.warn(f"the rerun of {run.key} ends with other labels than the stored annotator")
+        result = {"steps": steps, "same_as_stored": same, "warm_start_reused": reused,
+                  "minutes": (time.perf_counter() - t0) / 60}
+        return result, {"labels": torch.stack(frames), "latents": z.cpu()}
+    return store.cached("frames", spec, compute, f"label frames of {run.key} ({source}, {n} labels, seed {seed})")
+
+def frame_scores(frames: StoreEntry, masks: torch.Tensor, bench: Benchmark) -> list[dict]:
+    "Scores (%) of each frame of a `label_frames` entry against `masks` of its latents' images: step, mIoU, FG-mIoU."
+    labels = frames.tensors()["labels"]
+    return [{"step": step, **{k: v for k, v in scores(confusion_matrix(lab.long(), masks, bench.n_classes),
+                                                        bench.classes).items() if k in ("miou", "fg_miou")}}
+            for step, lab in zip(frames.result["steps"], labels)]
+
+# %% ../../nbs/bench/00_harness.ipynb #4a7e1076
+@torch.no_grad()
+def _labelled_generated(G: FeatureGenerator, labeller: nn.Module, z: torch.Tensor, n_classes: int,
+                        batch_size: int = 32) -> LabelledImages:
+    "The images of latents `z` (CPU) with `labeller`'s argmax predictions as masks."
+    labeller.to(G.device).eval()
+    images = torch.cat([G.sample(z=z[i:i+batch_size])[0] for i in range(0, len(z), batch_size)])
+    masks = torch.cat([labeller(images[i:i+batch_size]).argmax(1) for i in range(0, len(z), batch_size)])
+    return LabelledImages(images.cpu(), masks.cpu(), n_classes)
+
+def with_generated_source(bench: Benchmark, labeller: nn.Module, n_pool: int, n_val: int, seed: int,
+                          source: str = "generated", generator: str | None = None) -> Benchmark:
+    "A copy of `bench` with a source of `n_pool` (+ `n_val` validation) generated images labelled by `labeller`."
+    if source in bench.pools: raise ValueError(f"{bench.name} already has a source {source!r}; name another")
+    G = bench.generator(generator)
+    z = G.latents(n_pool + n_val, seed=seed).cpu()
+    data = _labelled_generated(G, labeller, z, bench.n_classes)
+    pool, val = data.subset(range(n_pool)), data.subset(range(n_pool, n_pool + n_val))
+    return dataclasses.replace(bench, pools={**bench.pools, source: pool}, vals={**bench.vals, source: val},
+                               sources={**bench.sources, source: source},
+                               pool_latents={**bench.pool_latents, source: z[:n_pool]})
+
+# %% ../../nbs/bench/00_harness.ipynb #4a7e1079
+from ..gradmatch import select_parameters
+
+def recipe_step_seconds(bench: Benchmark, cfg: RowSettings, recipe: RecipeConfig | str, source: str, n: int, seed: int,
+                        warmup: int = 1, steps: int = 3, plain: bool = False, generator: str | None = None,
+                        device=None) -> dict:
+    "Seconds per matching step of `recipe` (and per plain segmenter step if `plain`) on a run's networks and data."
+    G, rcfg = bench.generator(generator), annotator_recipe(recipe, cfg, seed)
+    labelled = draw_labelled(bench.pools[source], n, seed)
+    target = labelled_batches(labelled, rcfg.labelled_batch_size, seed=seed) if rcfg.augment_labelled else labelled
+    A, S = _networks(bench, G, cfg, seed)
+    matched = [p for _, p in select_parameters(S, rcfg.match)]
+    out = {"matched_tensors": len(matched), "matched_params": sum(p.numel() for p in matched),
+           "all_params": sum(p.numel() for p in S.parameters()),
+           "gm_step_s": seconds_per_gm_step(G, A, S, target, rcfg.matching(), warmup, steps, device)}
+    if plain: out["segmenter_step_s"] = seconds_per_segmenter_step(G, *_networks(bench, G, cfg, seed), rcfg.matching(),
+                                                                  warmup, steps, device)
+    return out
+
+# %% ../../nbs/bench/00_harness.ipynb #4a7e1082
+def method_results(rows: list[dict], order: list[str], classes: list[str]) -> tuple[pd.DataFrame, list[dict]]:
+    "`run_row` rows as a sorted frame of the usual columns, and its summary over seeds per (label count, method)."
+    scores_cols = ["miou", "fg_miou"] + [f"iou_{c}" for c in classes]
+    df = results_frame(rows, order, ["method", "n_labels", "seed"] + scores_cols + ["minutes"])
+    return df, summarize(df, ["n_labels", "method"], scores_cols + ["minutes"])

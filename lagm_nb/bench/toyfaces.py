@@ -22,7 +22,7 @@ from .domainfid import domain_fid, generate_images, train_feature_net
 __all__ = ['TOYFACE_CLASSES', 'TOYFACE_COLORS', 'TOYFACE_STYLES', 'HAIR_STYLES', 'TOYFACE_REGIONS', 'TOYFACE_REGION_CLASS',
            'TOYFACE_SPLITS', 'TOYFACE_SPLIT_SIZE', 'HOW_TO_MAKE_SNAPSHOTS', 'toyface_params', 'toyface_masks',
            'render_toyfaces', 'toyface_split', 'toyface_labelled', 'render_toyfaces_uint8', 'ToyFaceDataset',
-           'toyface_gan_dir', 'smoke_snapshots', 'toyfaces_benchmark']
+           'toyface_gan_dir', 'smoke_snapshots', 'toyfaces_benchmark', 'ToyFacesExperiment']
 
 # %% ../../nbs/bench/03_toyfaces.ipynb #694bced5
 TOYFACE_CLASSES = ["background", "skin", "hair", "eye", "brow", "nose", "mouth"]
@@ -404,3 +404,21 @@ def toyfaces_benchmark(gan_dir: str | Path | None = None, pool_size: int = 1000,
                      oracle_data=lambda n: render_toyfaces_uint8(toyface_split("pool", n), "photo"),
                      unlabelled=lambda n: render_toyfaces(toyface_split("gan_train", n))[0].cpu(),
                      info={"snapshots": snapshots, "gan_dir": gan_dir})
+
+# %% ../../nbs/bench/03_toyfaces.ipynb #70bf0006
+import dataclasses
+from typing import ClassVar
+from .harness import SMOKE, ExperimentConfig
+
+@dataclasses.dataclass
+class ToyFacesExperiment(ExperimentConfig):
+    "An experiment on the toy-face benchmark: the labelled pool, the annotated snapshots and their truncation."
+    pool_size: int = 1000          # labelled faces are drawn from the first pool_size faces of the pool split
+    truncation_psi: float = 1.0    # truncation of the annotated generator (1: none, as the domain FID was measured)
+    gan_dir: str | None = None     # the snapshots and their manifest (None: the package's, or the smoke GAN)
+    base_profiles: ClassVar[dict[str, dict]] = {"smoke": {**SMOKE, "pool_size": 64}}
+
+    def benchmark(self, work_dir: str | Path) -> Benchmark:
+        "The toy-face benchmark of these settings (the smoke profile's tiny GAN is trained in `work_dir`)."
+        return toyfaces_benchmark(self.gan_dir, self.pool_size, self.n_val, self.n_test, self.truncation_psi,
+                                  smoke_dir=Path(work_dir) / "smoke_gan" if self.smoke else None)
