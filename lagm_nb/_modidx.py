@@ -333,6 +333,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                               'lagm_nb.core._newest_readable': ('core.html#_newest_readable', 'lagm_nb/core.py'),
                               'lagm_nb.core.default_device': ('core.html#default_device', 'lagm_nb/core.py'),
                               'lagm_nb.core.fingerprint': ('core.html#fingerprint', 'lagm_nb/core.py'),
+                              'lagm_nb.core.join_torchrun': ('core.html#join_torchrun', 'lagm_nb/core.py'),
                               'lagm_nb.core.load_checkpoint': ('core.html#load_checkpoint', 'lagm_nb/core.py'),
                               'lagm_nb.core.load_state_dict_checked': ('core.html#load_state_dict_checked', 'lagm_nb/core.py'),
                               'lagm_nb.core.mean_over_ranks': ('core.html#mean_over_ranks', 'lagm_nb/core.py'),

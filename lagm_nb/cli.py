@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse, csv, importlib, io, json, os, sys
 from pathlib import Path
 import torch
-from .core import CheckpointError, default_device, load_checkpoint, write_text_atomic
+from .core import CheckpointError, default_device, join_torchrun, load_checkpoint, world, write_text_atomic
 from .datasets import LabelledImages
 from .generators import FeatureGenerator
 from .annotator import FPNAnnotator
@@ -118,13 +118,14 @@ def _refuse_overwrite(path: Path, overwrite: bool):
 def cmd_learn(args) -> str:
     out = Path(args.out); _refuse_overwrite(out, args.overwrite)
     recipe_name, recipe = learn_recipe(args)
-    G = load_generator(args.generator, args.device)
+    G = load_generator(args.generator, join_torchrun(args.device))
     labelled = read_labelled(args, args.classes, G.image_size)
     torch.manual_seed(args.seed)
     A = FPNAnnotator(G.feature_shapes, labelled.n_classes, G.image_size, args.annotator_width)
     S = build_segmenter("unet", labelled.n_classes, width=args.segmenter_width)
     result = learn_annotator(G, A, S, labelled, recipe, cache_dir=args.work_dir, device=G.device,
                              progress=not args.quiet)
+    if world()[0] != 0: return f"rank {world()[0]}: done"
     save_annotator(result.annotator, out, G, labelled.class_names,
                    info={"generator": args.generator, "recipe": recipe_name, "paper_config": args.paper_config,
                          "config": recipe.to_dict(),

@@ -15,7 +15,7 @@ from torch import nn
 # %% auto #0
 __all__ = ['default_device', 'seed_everything', 'step_seed', 'CheckpointError', 'save_checkpoint', 'load_checkpoint',
            'load_state_dict_checked', 'write_text_atomic', 'write_jsonl', 'Config', 'world', 'mean_over_ranks_',
-           'mean_over_ranks', 'RunDir', 'FiniteGuard', 'notify', 'fingerprint']
+           'mean_over_ranks', 'join_torchrun', 'RunDir', 'FiniteGuard', 'notify', 'fingerprint']
 
 # %% ../nbs/00_core.ipynb #08f31717
 def _mps_available() -> bool:
@@ -164,6 +164,18 @@ def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
     if world()[1] == 1: return t
     from torch.distributed.nn.functional import all_reduce
     return all_reduce(t) / world()[1]
+
+# %% ../nbs/00_core.ipynb #5e1a0c24
+def join_torchrun(device: str | torch.device | None = None) -> torch.device:
+    "Join torchrun's process group if this process was launched by it; returns this rank's device."
+    device = default_device(device)
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1: return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
 
 # %% ../nbs/00_core.ipynb #5e1a0c02
 def _jsonable(x): return json.loads(json.dumps(x, default=str))

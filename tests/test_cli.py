@@ -159,3 +159,18 @@ def test_paper_config_selects_the_papers_recipe(labelled, capsys):
     assert main(["learn", "--help"]) == 0
     shown = " ".join(capsys.readouterr().out.split())
     assert all(w in shown for w in ("--paper-config", "celebamask-hq", "cgpart-car")), shown
+
+
+def test_learn_under_torchrun_runs_data_parallel_and_rank_0_writes(labelled):
+    d, folder = labelled
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "LAGM_DEVICE": "cpu"}
+    argv = ["learn", "--generator", TINY, *folder, "--classes", "bg,a,b", "--steps", 3, "--pretrain-steps", 2,
+            "--warm-start-images", 4, "--warm-start-steps", 2, "--annotator-width", 8, "--segmenter-width", 4,
+            "--out", d / "ddp.pt", "--quiet"]
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "lagm_nb.cli", *map(str, argv)], capture_output=True, text=True, env=env, cwd=d,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("written to") == 1 and "rank 1: done" in res.stdout, res.stdout
+    A = load_annotator(d / "ddp.pt", tiny_generator())
+    assert A.info["config"]["steps"] == 3 and all(torch.isfinite(p).all() for p in A.state_dict().values())
