@@ -16,7 +16,7 @@ from .core import write_text_atomic
 
 # %% auto #0
 __all__ = ['CLAIM_COLUMNS', 'markdown_table', 'save_table', 'class_colormap', 'label_panels', 'plot_vs_labels', 'compare',
-           'save_claims']
+           'save_claims', 'scores_by_seed', 'claim_row', 'plot_panels_vs_labels']
 
 # %% ../nbs/13_report.ipynb #9b7f6424
 def markdown_table(rows: list[dict], floatfmt: str = ".2f") -> str:
@@ -106,3 +106,42 @@ def save_claims(rows: list[dict], out_dir: str | Path, name: str, profile: str) 
     w = csv.DictWriter(buf, fieldnames=CLAIM_COLUMNS, extrasaction="ignore")
     w.writeheader(); w.writerows({**r, "profile": profile} for r in rows)
     return write_text_atomic(Path(out_dir) / f"{name}_claims.csv", buf.getvalue())
+
+# %% ../nbs/13_report.ipynb #4e90a021
+def scores_by_seed(df, value: str = "miou", **where):
+    "`value` of the rows of `df` whose columns have the values in `where`, as a series indexed by seed."
+    picked = df
+    for column, wanted in where.items(): picked = picked[picked[column] == wanted]
+    if picked.seed.duplicated().any():
+        raise ValueError(f"several rows for one seed where {where}: name more columns to pick one row per seed")
+    return picked.set_index("seed")[value]
+
+def claim_row(claim: str, setting: str, a: str, b: str, a_scores, b_scores, paper: str, figure: str,
+              direction: str = ">", margin: float = 0.0) -> dict | None:
+    "A row of a claims file: `compare` of A's and B's scores (series by seed) on their common seeds; None if none."
+    seeds = sorted(set(a_scores.index) & set(b_scores.index))
+    if not seeds: return None
+    return {"claim": claim, "setting": setting, "a": a, "b": b, "paper": paper, "figure": figure,
+            **compare(a_scores[seeds].tolist(), b_scores[seeds].tolist(), direction, margin)}
+
+# %% ../nbs/13_report.ipynb #4e90a024
+def plot_panels_vs_labels(df, panel: str, titles: dict | None = None, y: str = "miou", hue: str = "method",
+                          order: Sequence[str] | None = None, ylabel: str = "test mIoU (%)",
+                          xlabel: str = "labelled images", size: tuple[float, float] = (4.2, 3.4)):
+    "One `plot_vs_labels` panel per value of `panel` (titled by `titles`), a colour per `hue` value, one legend."
+    import seaborn as sns
+    from matplotlib.lines import Line2D
+    names = [p for p in (titles or dict.fromkeys(df[panel])) if p in set(df[panel])]
+    hues = [m for m in (order or sorted(set(df[hue]))) if m in set(df[hue])]
+    colour = dict(zip(hues, sns.color_palette("tab10", len(hues))))
+    fig, axs = plt.subplots(1, len(names), figsize=(size[0] * len(names), size[1]), squeeze=False)
+    for ax, name in zip(axs[0], names):
+        part = df[df[panel] == name]
+        shown = [m for m in hues if m in set(part[hue])]
+        with sns.color_palette([colour[m] for m in shown]):
+            plot_vs_labels(part, y, hue, shown, ax, (titles or {}).get(name, name), ylabel, xlabel)
+        ax.get_legend().remove()
+    handles = [Line2D([], [], color=colour[m], marker="o", label=m) for m in hues]
+    axs[0, -1].legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
+    fig.tight_layout()
+    return fig

@@ -31,7 +31,7 @@ __all__ = ['STAGE_VERSIONS', 'SMOKE', 'PROFILES', 'MONITORING', 'draw_indices', 
            'load_annotator', 'load_segmenter', 'supervised_segmenter', 'oracle_segmenter', 'mean_teacher_segmenter',
            'downstream_segmenter', 'segmenter_scores', 'annotator_scores', 'parse_method', 'row_annotator', 'run_row',
            'mean_std', 'summarize', 'results_frame', 'annotator_study', 'seconds_per_gm_step',
-           'seconds_per_segmenter_step']
+           'seconds_per_segmenter_step', 'grid_rows', 'row_segmenter']
 
 # %% ../../nbs/bench/00_harness.ipynb #4a7e0006
 def draw_indices(pool_size: int, n: int, seed: int) -> list[int]:
@@ -552,3 +552,27 @@ def seconds_per_segmenter_step(G: FeatureGenerator, annotator: nn.Module, segmen
         segmenter_step(G, annotator, segmenter, opt, config, t); sync()
         times.append(time.perf_counter() - t0)
     return sum(times[warmup:]) / steps
+
+# %% ../../nbs/bench/00_harness.ipynb #4a7e0071
+def grid_rows(store: ResultStore, benches: list[Benchmark], cfg: RowSettings, cells, generator: str | None = None,
+              progress: bool = True) -> list[dict]:
+    "`run_row` for every (benchmark name, method, n, seed) of `cells`, each row labelled with benchmark, kind, source."
+    by_name, rows = {b.name: b for b in benches}, []
+    for name, method, n, seed in cells:
+        if name not in by_name: raise ValueError(f"cell {(name, method, n, seed)} names none of {list(by_name)}")
+        kind, source = parse_method(by_name[name], method)
+        rows.append({"benchmark": name, "kind": kind, "source": source,
+                     **run_row(store, by_name[name], cfg, method, n, seed, generator)})
+        if progress: print({k: round(v, 1) if isinstance(v, float) else v for k, v in rows[-1].items()
+                            if not k.startswith("iou_")})
+    return rows
+
+def row_segmenter(store: ResultStore, bench: Benchmark, cfg: RowSettings, method: str, n: int, seed: int,
+                  generator: str | None = None) -> StoreEntry:
+    "The stored segmenter that the `run_row` of (method, n, seed) tests (computed if that row has not run)."
+    kind, source = parse_method(bench, method)
+    if kind == "supervised": return supervised_segmenter(store, bench, cfg, source, n, seed)
+    if kind == "mean_teacher": return mean_teacher_segmenter(store, bench, cfg, source, n, seed)
+    if kind == "oracle": return oracle_segmenter(store, bench, cfg, n, seed)
+    annotator = row_annotator(store, bench, cfg, kind, source, n, seed, generator)
+    return downstream_segmenter(store, bench, cfg, annotator, source, seed, generator)
