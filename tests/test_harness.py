@@ -4,7 +4,8 @@ import dataclasses
 import pytest
 import torch
 
-from lagm_nb.bench.harness import SMOKE, Benchmark, ResultStore, RowSettings, draw_labelled, run_row
+from lagm_nb.bench.harness import (SMOKE, Benchmark, ResultStore, RowSettings, draw_labelled, grid_rows, row_segmenter,
+                                   run_row, save_results, segmenter_scores)
 from lagm_nb.datasets import LabelledImages
 from lagm_nb.testing import TeacherLabeller, tiny_generator
 
@@ -46,3 +47,22 @@ def test_deeplab_rows(toy, tmp_path):
     assert 0 <= row["miou"] <= 100
     with pytest.raises(ValueError, match="unknown segmenter"):
         run_row(ResultStore(tmp_path), toy, dataclasses.replace(SETTINGS, segmenter="segformer"), "supervised", 4, 0)
+
+
+def test_grid_rows_label_rows_and_row_segmenter_finds_their_segmenters(toy, tmp_path):
+    cells = [("toy", "gm", 4, 0, {"panel": "P"}), ("toy", "supervised", 4, 1)]
+    rows = grid_rows(ResultStore(tmp_path), [toy], SETTINGS, cells, progress=False)
+    assert rows[0]["panel"] == "P" and "panel" not in rows[1] and [r["kind"] for r in rows] == ["gm", "supervised"]
+    plain = [run_row(ResultStore(tmp_path), toy, SETTINGS, m, 4, s) for _, m, _, s, *_ in cells]
+    assert [{k: v for k, v in r.items() if k not in ("panel", "benchmark", "kind", "source")} for r in rows] == plain
+    again = ResultStore(tmp_path)
+    seg = row_segmenter(again, toy, SETTINGS, "gm", 4, 0)
+    assert not again.computed and segmenter_scores(again, toy, seg)["miou"] == rows[0]["miou"]
+
+
+def test_save_results_writes_runs_and_means(tmp_path):
+    runs = [{"kind": "gm", "n_labels": 2, "seed": s, "miou": m} for s, m in [(0, 40.0), (1, 44.0)]]
+    df, summary = save_results(runs, tmp_path, "t", "T", "cmd", "", ["kind"], ["miou", "fg_miou"])
+    assert df.fg_miou.isna().all() and summary.to_dict("records") == [
+        {"kind": "gm", "seeds": 2, "miou": "42.0 ± 2.0", "fg_miou": ""}]
+    assert "| gm | 2 | 42.0 ± 2.0 |  |" in (tmp_path / "t.md").read_text()
