@@ -16,7 +16,7 @@ from .core import write_text_atomic
 
 # %% auto #0
 __all__ = ['CLAIM_COLUMNS', 'markdown_table', 'save_table', 'class_colormap', 'label_panels', 'plot_vs_labels', 'compare',
-           'save_claims', 'claim_row', 'plot_curves']
+           'save_claims', 'scores_by_seed', 'claim_from_scores', 'claim_row', 'plot_curves', 'plot_panels_vs_labels']
 
 # %% ../nbs/13_report.ipynb #9b7f6424
 def markdown_table(rows: list[dict], floatfmt: str = ".2f") -> str:
@@ -107,16 +107,29 @@ def save_claims(rows: list[dict], out_dir: str | Path, name: str, profile: str) 
     w.writeheader(); w.writerows({**r, "profile": profile} for r in rows)
     return write_text_atomic(Path(out_dir) / f"{name}_claims.csv", buf.getvalue())
 
+# %% ../nbs/13_report.ipynb #4e90b021
+def scores_by_seed(df, value: str = "miou", **where):
+    "`value` of the rows of `df` whose columns have the values in `where`, as a series indexed by seed."
+    picked = df
+    for column, wanted in where.items(): picked = picked[picked[column] == wanted]
+    if picked.seed.duplicated().any():
+        raise ValueError(f"several rows for one seed where {where}: name more columns to pick one row per seed")
+    return picked.set_index("seed")[value]
+
+def claim_from_scores(claim: str, setting: str, a: str, b: str, a_scores, b_scores, paper: str, figure: str,
+                      direction: str = ">", margin: float = 0.0) -> dict | None:
+    "A row of a claims file: `compare` of A's and B's scores (series by seed) on their common seeds; None if none."
+    seeds = sorted(set(a_scores.index) & set(b_scores.index))
+    if not seeds: return None
+    return {"claim": claim, "setting": setting, "a": a, "b": b, "paper": paper, "figure": figure,
+            **compare(a_scores[seeds].tolist(), b_scores[seeds].tolist(), direction, margin)}
+
 # %% ../nbs/13_report.ipynb #4e90a017
 def claim_row(df, claim: str, setting: str, a: str, b: str, value: str, paper: str, figure: str,
               column: str = "method", direction: str = ">", margin: float = 0.0, pair: str = "seed") -> dict | None:
     "A claim row for `save_claims`: `a` against `b` (values of `column`) on `value`, paired by `pair`; None if absent."
-    side = lambda x: df[df[column] == x].set_index(pair)[value]
-    sa, sb = side(a), side(b)
-    both = [p for p in sa.index if p in set(sb.index)]
-    if not both: return None
-    return {"claim": claim, "setting": setting, "a": a, "b": b, "paper": paper, "figure": figure,
-            **compare([float(sa[p]) for p in both], [float(sb[p]) for p in both], direction, margin)}
+    side = lambda x: df[df[column] == x].set_index(pair)[value].astype(float)
+    return claim_from_scores(claim, setting, a, b, side(a), side(b), paper, figure, direction, margin)
 
 # %% ../nbs/13_report.ipynb #4e90a020
 def plot_curves(df, y: str = "val_miou", x: str = "step", hue: str = "variant", order: Sequence[str] | None = None,
@@ -132,3 +145,25 @@ def plot_curves(df, y: str = "val_miou", x: str = "step", hue: str = "variant", 
         sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1), frameon=False, fontsize=8)
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     return ax
+
+# %% ../nbs/13_report.ipynb #4e90b024
+def plot_panels_vs_labels(df, panel: str, titles: dict | None = None, y: str = "miou", hue: str = "method",
+                          order: Sequence[str] | None = None, ylabel: str = "test mIoU (%)",
+                          xlabel: str = "labelled images", size: tuple[float, float] = (4.2, 3.4)):
+    "One `plot_vs_labels` panel per value of `panel` (titled by `titles`), a colour per `hue` value, one legend."
+    import seaborn as sns
+    from matplotlib.lines import Line2D
+    names = [p for p in (titles or dict.fromkeys(df[panel])) if p in set(df[panel])]
+    hues = [m for m in (order or sorted(set(df[hue]))) if m in set(df[hue])]
+    colour = dict(zip(hues, sns.color_palette("tab10", len(hues))))
+    fig, axs = plt.subplots(1, len(names), figsize=(size[0] * len(names), size[1]), squeeze=False)
+    for ax, name in zip(axs[0], names):
+        part = df[df[panel] == name]
+        shown = [m for m in hues if m in set(part[hue])]
+        with sns.color_palette([colour[m] for m in shown]):
+            plot_vs_labels(part, y, hue, shown, ax, (titles or {}).get(name, name), ylabel, xlabel)
+        ax.get_legend().remove()
+    handles = [Line2D([], [], color=colour[m], marker="o", label=m) for m in hues]
+    axs[0, -1].legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
+    fig.tight_layout()
+    return fig

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from lagm_nb.bench.harness import (SMOKE, Benchmark, ResultStore, RowSettings, annotator_labels, draw_labelled,
-                                   draw_latents, frame_scores, label_frames, learned_annotator, load_annotator, run_row,
+                                   draw_latents, frame_scores, grid_rows, label_frames, learned_annotator,
+                                   load_annotator, row_segmenter, run_row, save_results, segmenter_scores,
                                    with_generated_source)
 from lagm_nb.datasets import LabelledImages
 from lagm_nb.recipe import RecipeConfig
@@ -81,3 +82,22 @@ def test_a_generated_source_holds_the_labellers_predictions(toy, tmp_path):
     assert 0 <= run_row(ResultStore(tmp_path), bench, SETTINGS, "datasetgan_generated", 4, 0)["miou"] <= 100
     with pytest.raises(ValueError, match="already has a source"): with_generated_source(bench, labeller, 2, 2, 0)
     with pytest.raises(ValueError, match="has no latents"): draw_latents(toy, "photo", 2, 0)
+
+
+def test_grid_rows_label_rows_and_row_segmenter_finds_their_segmenters(toy, tmp_path):
+    cells = [("toy", "gm", 4, 0, {"panel": "P"}), ("toy", "supervised", 4, 1)]
+    rows = grid_rows(ResultStore(tmp_path), [toy], SETTINGS, cells, progress=False)
+    assert rows[0]["panel"] == "P" and "panel" not in rows[1] and [r["kind"] for r in rows] == ["gm", "supervised"]
+    plain = [run_row(ResultStore(tmp_path), toy, SETTINGS, m, 4, s) for _, m, _, s, *_ in cells]
+    assert [{k: v for k, v in r.items() if k not in ("panel", "benchmark", "kind", "source")} for r in rows] == plain
+    again = ResultStore(tmp_path)
+    seg = row_segmenter(again, toy, SETTINGS, "gm", 4, 0)
+    assert not again.computed and segmenter_scores(again, toy, seg)["miou"] == rows[0]["miou"]
+
+
+def test_save_results_writes_runs_and_means(tmp_path):
+    runs = [{"kind": "gm", "n_labels": 2, "seed": s, "miou": m} for s, m in [(0, 40.0), (1, 44.0)]]
+    df, summary = save_results(runs, tmp_path, "t", "T", "cmd", "", ["kind"], ["miou", "fg_miou"])
+    assert df.fg_miou.isna().all() and summary.to_dict("records") == [
+        {"kind": "gm", "seeds": 2, "miou": "42.0 ± 2.0", "fg_miou": ""}]
+    assert "| gm | 2 | 42.0 ± 2.0 |  |" in (tmp_path / "t.md").read_text()

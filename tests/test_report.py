@@ -3,7 +3,8 @@ import pandas as pd
 import pytest
 import torch
 
-from lagm_nb.report import CLAIM_COLUMNS, claim_row, compare, markdown_table, save_claims
+from lagm_nb.report import (CLAIM_COLUMNS, claim_from_scores, claim_row, compare, markdown_table,
+                            plot_panels_vs_labels, save_claims, scores_by_seed)
 
 
 def test_verdicts_follow_the_paired_rule():
@@ -36,3 +37,25 @@ def test_claim_row_pairs_by_seed():
     assert row["seeds"] == 2 and row["mean_a"] == 5.5 and row["mean_b"] == 2.0     # seeds 0 and 1 only
     assert row["verdict"] == "not resolved (2 seeds)" and row["a"] == "a" and row["figure"] == "x.md"
     assert claim_row(df, "a wins", "toy", "a", "c", "score", "Table X", "x.md", column="variant") is None
+
+
+def test_claim_rows_pair_scores_by_seed_not_by_position():
+    df = pd.DataFrame({"method": ["gm"] * 3 + ["mt"] * 3, "seed": [2, 0, 1, 0, 1, 2],
+                       "miou": [62.0, 60.0, 61.0, 50.0, 51.0, 52.0]})
+    gm, mt = scores_by_seed(df, method="gm"), scores_by_seed(df, method="mt")
+    row = claim_from_scores("GM beats MT", "s", "gm", "mt", gm, mt, "Fig. 2", "fig2.png")
+    assert row["spread"] == pytest.approx(0.0) and row["difference"] == pytest.approx(10.0) and row["seeds"] == 3
+    assert claim_from_scores("c", "s", "gm", "mt", gm.loc[[1, 2]], mt, "", "")["seeds"] == 2    # the common seeds only
+    assert claim_from_scores("c", "s", "gm", "mt", gm.loc[[0]], mt.loc[[1]], "", "") is None
+    with pytest.raises(ValueError, match="several rows for one seed"): scores_by_seed(df)
+
+
+def test_panels_keep_a_method_colour_where_a_panel_lacks_methods():
+    from matplotlib.colors import to_hex
+    df = pd.DataFrame({"panel": ["p", "p", "p", "q"], "method": ["a", "b", "c", "c"], "n_labels": [2, 2, 2, 10],
+                       "miou": [1.0, 2.0, 3.0, 4.0]})
+    fig = plot_panels_vs_labels(df, "panel", order=["a", "b", "c"])
+    p, q = fig.axes
+    colours = lambda ax: {to_hex(line.get_color()) for line in ax.lines}
+    assert len(colours(p)) == 3 and colours(q) == {to_hex(p.lines[2].get_color())}
+    assert [t.get_text() for t in q.get_legend().get_texts()] == ["a", "b", "c"]

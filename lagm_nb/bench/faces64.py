@@ -14,10 +14,11 @@ from ..datasets import LabelledImages
 from ..generators import FeatureGenerator, latents_for_seeds
 from ..zoo import face_generator
 from .harness import Benchmark
+from .toyfaces import toyfaces_benchmark
 
 # %% auto #0
-__all__ = ['FACES64_CLASSES', 'FACES64_COLORS', 'FACES64_SPLITS', 'faces64_dir', 'faces64_index', 'read_mask', 'load_faces64',
-           'faces64_benchmark']
+__all__ = ['FACES64_CLASSES', 'FACES64_COLORS', 'FACES64_SPLITS', 'FACE_SETTINGS', 'faces64_dir', 'faces64_index', 'read_mask',
+           'load_faces64', 'faces64_benchmark', 'face_benchmarks', 'setting_cells']
 
 # %% ../../nbs/bench/04_faces64.ipynb #cb86600b
 FACES64_CLASSES = ["background", "skin", "brow", "eye", "nose", "mouth"]
@@ -65,23 +66,44 @@ def load_faces64(generator: str, split: str, G: FeatureGenerator | None = None, 
 
 # %% ../../nbs/bench/04_faces64.ipynb #fa640006
 def _unlabelled_faces(G: FeatureGenerator, n: int, batch_size: int = 100) -> torch.Tensor:
-    "`n` CelebA-generator faces from seeds that no faces64 split uses (the splits' seeds are all below 200,000)."
+    "`n` faces of `G` from seeds that no faces64 split uses (the splits' seeds are all below 200,000)."
     z = latents_for_seeds(G, range(10_000_000, 10_000_000 + n))
     return torch.cat([G.sample(z=zb)[0].cpu() for zb in z.split(batch_size)])
 
-def faces64_benchmark(n_val: int | None = None, n_test: int | None = None, device=None) -> Benchmark:
-    "faces64: CelebA- and DigiFace-generator labelled pools and validation faces, CelebA-generator test faces."
-    G = face_generator("celeba", device)
-    (pool, z_pool), (val, z_val), (test, z_test) = (load_faces64("celeba", s, G) for s in ("pool", "val", "test"))
-    pool_foreign, val_foreign = (load_faces64("digiface", s)[0] for s in ("pool", "val"))
+def faces64_benchmark(n_val: int | None = None, n_test: int | None = None, device=None,
+                      generator: str = "celeba") -> Benchmark:
+    "faces64 annotating `generator`: its own and the other generator's labelled pools and validation faces, its tests."
+    if generator not in FACES64_SPLITS:
+        raise ValueError(f"faces64 has no generator {generator!r}; choose one of {sorted(FACES64_SPLITS)}")
+    other = next(g for g in FACES64_SPLITS if g != generator)
+    G = face_generator(generator, device)
+    (pool, z_pool), (val, z_val), (test, z_test) = (load_faces64(generator, s, G) for s in ("pool", "val", "test"))
+    pool_foreign, val_foreign = (load_faces64(other, s)[0] for s in ("pool", "val"))
     first = lambda data, z, n: (data, z) if n is None else (data.subset(range(n)), z[:n])
     (val, z_val), (test, z_test) = first(val, z_val, n_val), first(test, z_test, n_test)
     val_foreign = val_foreign if n_val is None else val_foreign.subset(range(n_val))
-    def generator(name: str) -> FeatureGenerator:
-        if name != "celeba": raise ValueError(f"faces64 annotates the 'celeba' generator, not {name!r}")
+    def annotated(name: str) -> FeatureGenerator:
+        if name != generator: raise ValueError(f"this faces64 benchmark annotates {generator!r}, not {name!r}")
         return G
-    return Benchmark("faces64", FACES64_CLASSES, FACES64_COLORS, pools={"celeba": pool, "digiface": pool_foreign},
-                     vals={"celeba": val, "digiface": val_foreign}, test=test, generators=generator,
-                     generator_names=["celeba"], sources={"": "celeba", "foreign": "digiface"},
-                     pool_latents={"celeba": z_pool}, annotator_val=(z_val, val.masks),
-                     annotator_test=(z_test, test.masks), unlabelled=lambda n: _unlabelled_faces(G, n))
+    return Benchmark("faces64" if generator == "celeba" else f"faces64-{generator}", FACES64_CLASSES, FACES64_COLORS,
+                     pools={generator: pool, other: pool_foreign}, vals={generator: val, other: val_foreign},
+                     test=test, generators=annotated, generator_names=[generator],
+                     sources={"": generator, "foreign": other}, pool_latents={generator: z_pool},
+                     annotator_val=(z_val, val.masks), annotator_test=(z_test, test.masks),
+                     unlabelled=lambda n: _unlabelled_faces(G, n))
+
+# %% ../../nbs/bench/04_faces64.ipynb #fa640011
+FACE_SETTINGS = {"faces64, CelebA-generator labels": ("faces64", ""),        # setting: benchmark, method suffix
+                 "faces64, DigiFace-generator labels": ("faces64", "_foreign"),
+                 "toy faces, photo labels": ("toyfaces", "_photo")}
+
+def face_benchmarks(n_val: int | None, n_test: int | None, toy_pool: int,
+                    smoke_dir: str | Path | None = None) -> dict[str, Benchmark]:
+    "faces64 and the toy faces (a `photo` pool of `toy_pool` faces; smoke GAN snapshots in `smoke_dir`), by name."
+    return {"faces64": faces64_benchmark(n_val, n_test),
+            "toyfaces": toyfaces_benchmark(None, toy_pool, n_val, n_test, smoke_dir=smoke_dir)}
+
+def setting_cells(kinds: list[str], n_labels: int, seeds: list[int], settings: dict = FACE_SETTINGS) -> list[tuple]:
+    "`grid_rows` cells: every method kind in every setting for every seed, labelled with the setting's name."
+    return [(bench, kind + suffix, n_labels, seed, {"setting": name}) for name, (bench, suffix) in settings.items()
+            for kind in kinds for seed in seeds]

@@ -37,7 +37,8 @@ __all__ = ['STAGE_VERSIONS', 'SMOKE', 'PROFILES', 'MONITORING', 'draw_indices', 
            'mean_std', 'summarize', 'results_frame', 'annotator_study', 'seconds_per_gm_step',
            'seconds_per_segmenter_step', 'paper_scale_networks', 'benchmark_step', 'fit_memory', 'in_subprocess',
            'pixel_feature_bytes', 'draw_latents', 'annotator_labels', 'label_frames', 'frame_scores',
-           'with_generated_source', 'recipe_step_seconds', 'method_results']
+           'with_generated_source', 'recipe_step_seconds', 'method_results', 'grid_rows', 'row_segmenter',
+           'settings_note', 'save_results']
 
 # %% ../../nbs/bench/00_harness.ipynb #4a7e0006
 def draw_indices(pool_size: int, n: int, seed: int) -> list[int]:
@@ -713,3 +714,53 @@ def method_results(rows: list[dict], order: list[str], classes: list[str]) -> tu
     scores_cols = ["miou", "fg_miou"] + [f"iou_{c}" for c in classes]
     df = results_frame(rows, order, ["method", "n_labels", "seed"] + scores_cols + ["minutes"])
     return df, summarize(df, ["n_labels", "method"], scores_cols + ["minutes"])
+
+# %% ../../nbs/bench/00_harness.ipynb #4a7e2071
+def grid_rows(store: ResultStore, benches: list[Benchmark], cfg: RowSettings, cells, generator: str | None = None,
+              progress: bool = True) -> list[dict]:
+    """`run_row` for every (benchmark name, method, n, seed[, extra columns]) of `cells`, each row labelled with the
+    benchmark, the method's kind and the source of its labels."""
+    by_name, rows = {b.name: b for b in benches}, []
+    for name, method, n, seed, *extra in cells:
+        if name not in by_name: raise ValueError(f"cell {(name, method, n, seed)} names none of {list(by_name)}")
+        kind, source = parse_method(by_name[name], method)
+        rows.append({**(extra[0] if extra else {}), "benchmark": name, "kind": kind, "source": source,
+                     **run_row(store, by_name[name], cfg, method, n, seed, generator)})
+        if progress: print({k: round(v, 1) if isinstance(v, float) else v for k, v in rows[-1].items()
+                            if not k.startswith("iou_")})
+    return rows
+
+def row_segmenter(store: ResultStore, bench: Benchmark, cfg: RowSettings, method: str, n: int, seed: int,
+                  generator: str | None = None) -> StoreEntry:
+    "The stored segmenter that the `run_row` of (method, n, seed) tests (computed if that row has not run)."
+    kind, source = parse_method(bench, method)
+    if kind == "supervised": return supervised_segmenter(store, bench, cfg, source, n, seed)
+    if kind == "mean_teacher": return mean_teacher_segmenter(store, bench, cfg, source, n, seed)
+    if kind == "oracle": return oracle_segmenter(store, bench, cfg, n, seed)
+    annotator = row_annotator(store, bench, cfg, kind, source, n, seed, generator)
+    return downstream_segmenter(store, bench, cfg, annotator, source, seed, generator)
+
+# %% ../../nbs/bench/00_harness.ipynb #4a7e2075
+def settings_note(cfg: RowSettings) -> str:
+    "The row settings (networks, budgets) of `cfg` as sentences for a results table's notes."
+    net = lambda name: f"U-Net of width {cfg.width}" if name == "unet" else name
+    labels = f"soft labels at temperature {cfg.label_temperature:g}" if cfg.soft_labels else "hard labels"
+    return (f"Tested segmenter (where a row names none): {net(cfg.segmenter)}; downstream: {cfg.segmenter_steps} steps "
+            f"of batch 8 on {cfg.n_synthetic} generated images ({labels}); supervised and Mean Teacher: "
+            f"{cfg.supervised_steps} steps of batch 8 (Mean Teacher with {cfg.n_unlabelled} unlabelled test-domain "
+            f"images). Annotators: FPN of width {cfg.annotator_width}, by the `{cfg.gm_recipe}` recipe with "
+            f"{cfg.gm_steps} matching steps through a {net(cfg.matching_segmenter)}; DatasetGAN: "
+            f"{cfg.datasetgan_steps} pixel-MLP steps; inversion: {cfg.inversion_steps} projection steps per image "
+            f"({cfg.inversion_restarts} start(s)), then {cfg.inversion_fit_steps} fitting steps.")
+
+def save_results(rows, out_dir: str | Path, name: str, title: str, command: str, notes: str, by: list[str],
+                 columns: list[str], floatfmt: str = ".1f") -> tuple[pd.DataFrame, pd.DataFrame]:
+    "`name.csv` with a row per run, `name.md` with mean ± std over seeds of `columns` by `by`; (runs, summary)."
+    from lagm_nb.report import save_table
+    df = pd.DataFrame(rows)
+    keys = list(dict.fromkeys(by + [c for c in ("method", "kind", "n_labels", "seed") if c in df]))
+    df = df.reindex(columns=keys + columns + [c for c in df.columns if c.startswith("iou_")])
+    summary = [{k: "" if pd.isna(v) else v for k, v in r.items()} for r in summarize(df, by, columns)]
+    save_table(df.astype(object).where(df.notna(), None).to_dict("records"), out_dir, name, title, command, notes,
+               floatfmt, markdown_rows=summary)
+    return df, pd.DataFrame(summary)
