@@ -1,4 +1,5 @@
-"""The README's Python examples run as written (they are sized to take seconds)."""
+"""The README's Python examples (```python blocks) run as written, sized to take seconds; ```py blocks need data or
+a checkpoint of the reader's and are not run."""
 import os, re
 from pathlib import Path
 
