@@ -5,8 +5,8 @@ import shutil
 import pytest
 import torch
 
-from lagm_nb.bench.harness import (SMOKE, Benchmark, ResultStore, RowSettings, annotator_labels, draw_labelled,
-                                   draw_latents, frame_scores, grid_rows, label_frames, learned_annotator,
+from lagm_nb.bench.harness import (SMOKE, Benchmark, ExperimentConfig, ResultStore, RowSettings, annotator_labels,
+                                   draw_labelled, draw_latents, frame_scores, grid_rows, label_frames, learned_annotator,
                                    load_annotator, row_segmenter, run_row, save_results, segmenter_scores,
                                    with_generated_source)
 from lagm_nb.datasets import LabelledImages
@@ -97,7 +97,9 @@ def test_grid_rows_label_rows_and_row_segmenter_finds_their_segmenters(toy, tmp_
 
 def test_save_results_writes_runs_and_means(tmp_path):
     runs = [{"kind": "gm", "n_labels": 2, "seed": s, "miou": m} for s, m in [(0, 40.0), (1, 44.0)]]
-    df, summary = save_results(runs, tmp_path, "t", "T", "cmd", "", ["kind"], ["miou", "fg_miou"])
+    cfg = ExperimentConfig.preset("default")
+    df, summary = save_results(runs, cfg, tmp_path, "t", "T", "", ["kind"], ["miou", "fg_miou"])
     assert df.fg_miou.isna().all() and summary.to_dict("records") == [
         {"kind": "gm", "seeds": 2, "miou": "42.0 ± 2.0", "fg_miou": ""}]
-    assert "| gm | 2 | 42.0 ± 2.0 |  |" in (tmp_path / "t.md").read_text()
+    md = (tmp_path / "t.md").read_text()
+    assert "| gm | 2 | 42.0 ± 2.0 |  |" in md and "Produced by `make reproduce`." in md

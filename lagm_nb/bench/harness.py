@@ -29,14 +29,14 @@ from ..downstream import labelled_batches, synthetic_batches, train_segmenter
 from ..metrics import evaluate_segmenter, scores
 
 # %% auto #0
-__all__ = ['STAGE_VERSIONS', 'SMOKE', 'PROFILES', 'MONITORING', 'draw_indices', 'draw_labelled', 'StoreEntry', 'ResultStore',
-           'RowSettings', 'ProfileConfig', 'ExperimentConfig', 'Benchmark', 'annotator_recipe', 'segmenter_spec',
-           'build_row_segmenter', 'learned_annotator', 'datasetgan_annotator', 'maml_annotator', 'inverted_annotator',
-           'load_annotator', 'load_segmenter', 'supervised_segmenter', 'oracle_segmenter', 'mean_teacher_segmenter',
-           'downstream_segmenter', 'segmenter_scores', 'annotator_scores', 'parse_method', 'row_annotator', 'run_row',
-           'mean_std', 'summarize', 'results_frame', 'annotator_study', 'seconds_per_gm_step',
-           'seconds_per_segmenter_step', 'paper_scale_networks', 'benchmark_step', 'fit_memory', 'in_subprocess',
-           'pixel_feature_bytes', 'draw_latents', 'annotator_labels', 'label_frames', 'frame_scores',
+__all__ = ['STAGE_VERSIONS', 'SMOKE', 'PROFILES', 'MONITORING', 'RESULT_COLUMNS', 'draw_indices', 'draw_labelled', 'StoreEntry',
+           'ResultStore', 'RowSettings', 'ProfileConfig', 'ExperimentConfig', 'Benchmark', 'annotator_recipe',
+           'segmenter_spec', 'build_row_segmenter', 'learned_annotator', 'datasetgan_annotator', 'maml_annotator',
+           'inverted_annotator', 'load_annotator', 'load_segmenter', 'supervised_segmenter', 'oracle_segmenter',
+           'mean_teacher_segmenter', 'downstream_segmenter', 'segmenter_scores', 'annotator_scores', 'parse_method',
+           'row_annotator', 'run_row', 'mean_std', 'summarize', 'results_frame', 'annotator_study',
+           'seconds_per_gm_step', 'seconds_per_segmenter_step', 'paper_scale_networks', 'benchmark_step', 'fit_memory',
+           'in_subprocess', 'pixel_feature_bytes', 'draw_latents', 'annotator_labels', 'label_frames', 'frame_scores',
            'with_generated_source', 'recipe_step_seconds', 'method_results', 'grid_rows', 'row_segmenter',
            'settings_note', 'save_results']
 
@@ -753,10 +753,16 @@ def settings_note(cfg: RowSettings) -> str:
             f"{cfg.datasetgan_steps} pixel-MLP steps; inversion: {cfg.inversion_steps} projection steps per image "
             f"({cfg.inversion_restarts} start(s)), then {cfg.inversion_fit_steps} fitting steps.")
 
-def save_results(rows, out_dir: str | Path, name: str, title: str, command: str, notes: str, by: list[str],
-                 columns: list[str], floatfmt: str = ".1f") -> tuple[pd.DataFrame, pd.DataFrame]:
-    "`name.csv` with a row per run, `name.md` with mean ± std over seeds of `columns` by `by`; (runs, summary)."
+RESULT_COLUMNS = ["miou", "fg_miou", "annotator_val_miou", "minutes"]   # the scores most tables show
+
+def save_results(rows, cfg: ExperimentConfig, out_dir: str | Path, name: str, title: str, notes: str, by: list[str],
+                 columns: list[str] = RESULT_COLUMNS, overrides: dict | None = None, notebook: str | None = None,
+                 floatfmt: str = ".1f") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """`name.csv` with a row per run, `name.md` with mean ± std over seeds of `columns` by `by`, made by `notebook`
+    (default nbs/experiments/<name>.ipynb) with `cfg` and `overrides`; returns (runs, summary)."""
     from lagm_nb.report import save_table
+    command = cfg.command(notebook or f"nbs/experiments/{name}.ipynb", overrides)
+    notes = f"{notes} {settings_note(cfg)}"
     df = pd.DataFrame(rows)
     keys = list(dict.fromkeys(by + [c for c in ("method", "kind", "n_labels", "seed") if c in df]))
     df = df.reindex(columns=keys + columns + [c for c in df.columns if c.startswith("iou_")])
