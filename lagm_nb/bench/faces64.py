@@ -13,12 +13,14 @@ from PIL import Image
 from ..datasets import LabelledImages
 from ..generators import FeatureGenerator, latents_for_seeds
 from ..zoo import face_generator
-from .harness import Benchmark
+import dataclasses
+from .harness import Benchmark, ExperimentConfig, ResultStore, grid_rows
 from .toyfaces import toyfaces_benchmark
 
 # %% auto #0
 __all__ = ['FACES64_CLASSES', 'FACES64_COLORS', 'FACES64_SPLITS', 'FACE_SETTINGS', 'faces64_dir', 'faces64_index', 'read_mask',
-           'load_faces64', 'faces64_benchmark', 'face_benchmarks', 'setting_cells']
+           'load_faces64', 'faces64_benchmark', 'face_benchmarks', 'setting_cells', 'FaceSettingsConfig',
+           'face_settings_rows']
 
 # %% ../../nbs/bench/04_faces64.ipynb #cb86600b
 FACES64_CLASSES = ["background", "skin", "brow", "eye", "nose", "mouth"]
@@ -107,3 +109,20 @@ def setting_cells(kinds: list[str], n_labels: int, seeds: list[int], settings: d
     "`grid_rows` cells: every method kind in every setting for every seed, labelled with the setting's name."
     return [(bench, kind + suffix, n_labels, seed, {"setting": name}) for name, (bench, suffix) in settings.items()
             for kind in kinds for seed in seeds]
+
+# %% ../../nbs/bench/04_faces64.ipynb #fa640014
+@dataclasses.dataclass
+class FaceSettingsConfig(ExperimentConfig):
+    "Methods compared in the three face settings: the label count, seeds and the toy faces' labelled pool."
+    n_labels: int = 10
+    seeds: list = dataclasses.field(default_factory=lambda: [0])
+    toy_pool: int = 1000
+    profiles = {"smoke": dict(n_labels=2, toy_pool=64), "full": dict(seeds=[0, 1, 2])}
+
+def face_settings_rows(store: ResultStore, cfg: FaceSettingsConfig, kinds: list[str],
+                       smoke_dir: str | Path | None = None) -> tuple[dict[str, Benchmark], list[dict]]:
+    "The benchmarks of the three face settings and the rows (`grid_rows`) of every method kind in each."
+    benches = face_benchmarks(cfg.n_val, cfg.n_test, cfg.toy_pool, smoke_dir)
+    rows = grid_rows(store, list(benches.values()), cfg, setting_cells(kinds, cfg.n_labels, cfg.seeds))
+    print(store.summary())
+    return benches, rows
