@@ -9,6 +9,7 @@ import csv, io
 from collections.abc import Sequence
 from pathlib import Path
 import numpy as np
+import pandas as pd
 import torch
 import matplotlib.pyplot as plt
 from matplotlib.colors import ListedColormap
@@ -98,14 +99,17 @@ def compare(a: Sequence[float], b: Sequence[float], direction: str = ">", margin
 CLAIM_COLUMNS = ["claim", "setting", "a", "b", "mean_a", "mean_b", "difference", "spread", "seeds", "verdict",
                  "paper", "figure", "profile"]
 
-def save_claims(rows: list[dict], out_dir: str | Path, name: str, profile: str) -> Path:
-    "Write claim rows (`claim`, `setting`, `a`, `b`, `paper`, `figure` and `compare`'s fields) to `name_claims.csv`."
+def save_claims(rows: list[dict | None], out_dir: str | Path, name: str, profile: str) -> pd.DataFrame:
+    """Write claim rows (`claim`, `setting`, `a`, `b`, `paper`, `figure` and `compare`'s fields) to
+    `name_claims.csv`, skipping None (a comparison a profile does not run); returns them without the long columns."""
+    rows = [r for r in rows if r is not None]
     missing = [c for r in rows for c in CLAIM_COLUMNS if c not in r and c != "profile"]
     if missing: raise ValueError(f"claim rows lack {sorted(set(missing))}")
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=CLAIM_COLUMNS, extrasaction="ignore")
     w.writeheader(); w.writerows({**r, "profile": profile} for r in rows)
-    return write_text_atomic(Path(out_dir) / f"{name}_claims.csv", buf.getvalue())
+    write_text_atomic(Path(out_dir) / f"{name}_claims.csv", buf.getvalue())
+    return pd.DataFrame(rows, columns=CLAIM_COLUMNS[:-3])
 
 # %% ../nbs/13_report.ipynb #4e90b021
 def scores_by_seed(df, value: str = "miou", **where):

@@ -21,8 +21,10 @@ def test_verdicts_follow_the_paired_rule():
 def test_claims_file_has_the_report_columns(tmp_path):
     row = {"claim": "c", "setting": "s", "a": "x", "b": "y", "paper": "Fig. 2", "figure": "f.png",
            **compare([1, 2, 3], [1, 1, 3])}
-    df = pd.read_csv(save_claims([row], tmp_path, "t", "default"))
+    shown = save_claims([row, None], tmp_path, "t", "default")
+    df = pd.read_csv(tmp_path / "t_claims.csv")
     assert list(df.columns) == CLAIM_COLUMNS and df.verdict[0] == "not resolved (inside the spread)"
+    assert len(shown) == 1 and list(shown.columns) == CLAIM_COLUMNS[:-3]   # None rows skipped, long columns left out
     with pytest.raises(ValueError, match="lack"): save_claims([{"claim": "c"}], tmp_path, "u", "default")
 
 

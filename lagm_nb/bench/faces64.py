@@ -14,13 +14,14 @@ from ..datasets import LabelledImages
 from ..generators import FeatureGenerator, latents_for_seeds
 from ..zoo import face_generator
 import dataclasses
-from .harness import Benchmark, ExperimentConfig, ResultStore, grid_rows
+from .harness import Benchmark, ExperimentConfig, ResultStore, grid_rows, save_results
+from ..report import claim_from_scores, scores_by_seed
 from .toyfaces import toyfaces_benchmark
 
 # %% auto #0
 __all__ = ['FACES64_CLASSES', 'FACES64_COLORS', 'FACES64_SPLITS', 'FACE_SETTINGS', 'faces64_dir', 'faces64_index', 'read_mask',
            'load_faces64', 'faces64_benchmark', 'face_benchmarks', 'setting_cells', 'FaceSettingsConfig',
-           'face_settings_rows']
+           'face_settings_rows', 'face_settings_table', 'face_settings_claims', 'faces64_step_cost']
 
 # %% ../../nbs/bench/04_faces64.ipynb #cb86600b
 FACES64_CLASSES = ["background", "skin", "brow", "eye", "nose", "mouth"]
@@ -126,3 +127,42 @@ def face_settings_rows(store: ResultStore, cfg: FaceSettingsConfig, kinds: list[
     rows = grid_rows(store, list(benches.values()), cfg, setting_cells(kinds, cfg.n_labels, cfg.seeds))
     print(store.summary())
     return benches, rows
+
+def face_settings_table(store: ResultStore, cfg: FaceSettingsConfig, competitor: str, out_dir: str | Path, name: str,
+                        title: str, note: str, overrides: dict | None = None, work_dir: str | Path | None = None):
+    """Benchmarks, rows and summary of `gm` against `competitor` in the face settings, saved as `out_dir/name.*`
+    (`note` ends the table's notes; the smoke profile keeps its tiny toy-face GAN in `work_dir`)."""
+    smoke_dir = Path(work_dir) / "smoke_gan" if cfg.smoke else None
+    benches, rows = face_settings_rows(store, cfg, ["gm", competitor], smoke_dir)
+    notes = (f"Profile `{cfg.profile}`, {cfg.n_labels} labelled images, seeds {cfg.seeds}; the runs of `fig2.ipynb`. "
+             f"mIoU with the background, in percent. {note}")
+    df, summary = save_results(rows, cfg, out_dir, name, title, notes, ["setting", "kind"], overrides=overrides)
+    return benches, df, summary
+
+def face_settings_claims(df, cfg: FaceSettingsConfig, competitor: str, statement: str, paper: str,
+                         figure: str) -> list[dict]:
+    "The claim `statement` in each face setting: `gm` against `competitor` on test mIoU, paired by seed."
+    claims = [claim_from_scores(statement, f"{name}, {cfg.n_labels} labels", "gm", competitor,
+                                scores_by_seed(df, setting=name, kind="gm"),
+                                scores_by_seed(df, setting=name, kind=competitor), paper, figure)
+              for name in FACE_SETTINGS]
+    return [c for c in claims if c is not None]
+
+# %% ../../nbs/bench/04_faces64.ipynb #b9189956
+from ..core import seed_everything
+from ..annotator import FPNAnnotator
+from .harness import RowSettings, build_row_segmenter, draw_labelled, segmenter_spec
+from ..recipe import RecipeConfig
+from ..maml import MAMLConfig, step_cost
+
+def faces64_step_cost(kind: str, inner_steps: int, match: str, n_labels: int, settings: dict, warmup: int = 2,
+                      steps: int = 10) -> dict:
+    "Seconds and peak memory per annotator step of Algorithm 1 (`kind='gm'`) or 2 (`'maml'`) on faces64's rows."
+    G, rows, n_classes = face_generator("celeba"), RowSettings.from_dict(settings), len(FACES64_CLASSES)
+    labelled = draw_labelled(load_faces64("celeba", "pool", G, batch_size=10)[0], n_labels, 0)
+    seed_everything(0)
+    A = FPNAnnotator(G.feature_shapes, n_classes, G.image_size, rows.annotator_width)
+    S = build_row_segmenter(segmenter_spec(rows.matching_segmenter, rows), n_classes)
+    gm = RecipeConfig.preset(rows.gm_recipe).matching().replace(match=match)
+    config = gm if kind == "gm" else MAMLConfig.from_dict({**gm.to_dict(), "inner_steps": inner_steps})
+    return step_cost(kind, G, A, S, labelled, config, warmup=warmup, steps=steps)

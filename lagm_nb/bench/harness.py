@@ -6,7 +6,7 @@ each run once per machine."""
 
 # %% ../../nbs/bench/00_harness.ipynb #4a7e0003
 from __future__ import annotations
-import dataclasses, hashlib, json, shutil, subprocess, sys, time, warnings
+import dataclasses, hashlib, json, os, shutil, subprocess, sys, time, warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar
@@ -21,7 +21,7 @@ from ..stylegan2 import Generator
 from ..annotator import FPNAnnotator, PixelMLPAnnotator
 from ..segmenters import SEGMENTERS, build_segmenter
 from ..train import GMConfig, evaluate_annotator, fit_annotator, segmenter_step, train_gradient_matching
-from ..maml import MAMLConfig, step_cost, train_maml
+from ..maml import MAMLConfig, _peak_rss_bytes, step_cost, train_maml
 from ..inversion import InversionConfig, inversion_annotator
 from ..meanteacher import MeanTeacherConfig, train_mean_teacher
 from ..recipe import RECIPES, RecipeConfig, learn_annotator
@@ -36,9 +36,9 @@ __all__ = ['STAGE_VERSIONS', 'SMOKE', 'PROFILES', 'MONITORING', 'RESULT_COLUMNS'
            'mean_teacher_segmenter', 'downstream_segmenter', 'segmenter_scores', 'annotator_scores', 'parse_method',
            'row_annotator', 'run_row', 'mean_std', 'summarize', 'results_frame', 'annotator_study',
            'seconds_per_gm_step', 'seconds_per_segmenter_step', 'paper_scale_networks', 'benchmark_step', 'fit_memory',
-           'in_subprocess', 'pixel_feature_bytes', 'draw_latents', 'annotator_labels', 'label_frames', 'frame_scores',
-           'with_generated_source', 'recipe_step_seconds', 'method_results', 'grid_rows', 'row_segmenter',
-           'settings_note', 'save_results']
+           'available_memory_bytes', 'in_subprocess', 'pixel_feature_bytes', 'draw_latents', 'annotator_labels',
+           'label_frames', 'frame_scores', 'with_generated_source', 'recipe_step_seconds', 'method_results',
+           'grid_rows', 'row_segmenter', 'settings_note', 'save_results']
 
 # %% ../../nbs/bench/00_harness.ipynb #4a7e0006
 def draw_indices(pool_size: int, n: int, seed: int) -> list[int]:
@@ -188,6 +188,10 @@ class ExperimentConfig(ProfileConfig, RowSettings):
     n_val: int | None = None          # validation images per source (None: the benchmark's whole split)
     n_test: int | None = None         # test images (None: the whole split)
     base_profiles: ClassVar[dict[str, dict]] = {"smoke": SMOKE}
+
+    def row_settings(self) -> RowSettings:
+        "The `RowSettings` part of these settings (what a run in a fresh process needs)."
+        return RowSettings.from_dict({f.name: getattr(self, f.name) for f in dataclasses.fields(RowSettings)})
 
 # %% ../../nbs/bench/00_harness.ipynb #4a7e0019
 @dataclasses.dataclass
@@ -579,19 +583,27 @@ def fit_memory(kind: str, size: int, n_images: int = 2, steps: int = 2, device=N
     z, masks = G.latents(n_images, seed=0), torch.zeros(n_images, size, size, dtype=torch.long)
     cuda = G.device.type == "cuda"
     if cuda: torch.cuda.reset_peak_memory_stats(G.device)
-    base = torch.cuda.memory_allocated(G.device) if cuda else _peak_rss()
+    base = torch.cuda.memory_allocated(G.device) if cuda else _peak_rss_bytes()
     fit_annotator(G, A, z, masks, steps=steps, batch_size=min(2, n_images), progress=False)
-    peak = torch.cuda.max_memory_allocated(G.device) if cuda else _peak_rss()
+    peak = torch.cuda.max_memory_allocated(G.device) if cuda else _peak_rss_bytes()
     return {"annotator": kind, "size": size, "n_images": n_images, "peak_memory_mib": (peak - base) / 2**20}
 
-def _peak_rss() -> int:
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def available_memory_bytes(device=None) -> int:
+    "Memory a measurement may take: the GPU's free memory on CUDA, else the machine's available RAM (Linux)."
+    device = default_device(device)
+    if device.type == "cuda": return torch.cuda.mem_get_info(device)[0]
+    meminfo = Path("/proc/meminfo")
+    if meminfo.exists():
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"): return int(line.split()[1]) * 1024
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 def in_subprocess(function: str, **kwargs) -> dict:
-    "`lagm_nb.bench.harness.<function>(**kwargs)` in a fresh Python process (so that its peak memory is its own)."
-    code = ("import json, sys; from lagm_nb.bench import harness; "
-            "print('RESULT ' + json.dumps(getattr(harness, sys.argv[1])(**json.loads(sys.argv[2]))))")
+    """`function(**kwargs)` in a fresh Python process (so that its peak memory is its own): a function of this module
+    by name, or any function as `'module:function'`. It must return something JSON can carry."""
+    code = ("import importlib, json, sys; module, _, name = sys.argv[1].rpartition(':'); "
+            "f = getattr(importlib.import_module(module or 'lagm_nb.bench.harness'), name); "
+            "print('RESULT ' + json.dumps(f(**json.loads(sys.argv[2]))))")
     out = subprocess.run([sys.executable, "-c", code, function, json.dumps(kwargs)], capture_output=True, text=True)
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     if out.returncode or not lines:
