@@ -1,6 +1,7 @@
 """The explorer in a real browser: JupyterLab on localhost runs nbs/19_explore.ipynb (small settings:
 LAGM_NB_QUICK=1) in headless Chromium; moving the seed slider and a class toggle must change the picture; with
-LAGM_NB_SCREENSHOT=1 a screenshot of the explorer goes to figures/explorer.png. Skipped, with a message, without Playwright or Chromium."""
+LAGM_NB_SCREENSHOT=1 a screenshot of the explorer goes to figures/explorer.png. Skipped, with a message, without
+Playwright or Chromium; failed instead with LAGM_NB_REQUIRE_BROWSER=1 (set by .ci/run)."""
 import json, os, secrets, signal, socket, subprocess, sys, time, urllib.request
 from pathlib import Path
 
@@ -90,12 +91,20 @@ def _new_src(page, image, src_before: str, what: str) -> str:
     return image.get_attribute("src")
 
 
+def _missing(why: str):
+    "Skip the test, saying why; fail it instead where the browser is required (.ci/run: LAGM_NB_REQUIRE_BROWSER=1)."
+    if os.environ.get("LAGM_NB_REQUIRE_BROWSER") == "1":
+        pytest.fail(f"{why}; LAGM_NB_REQUIRE_BROWSER=1 requires the browser test to run", pytrace=False)
+    pytest.skip(why)
+
+
 @pytest.fixture
 def sync_api():
-    "Playwright's sync API, and Debian's Chromium for it to drive; the test is skipped without either."
-    api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install playwright")
+    "Playwright's sync API, and Debian's Chromium for it to drive; without either, see `_missing`."
+    try: from playwright import sync_api as api
+    except ImportError: _missing("playwright is not installed: pip install playwright")
     if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} not found: install Debian's chromium (apt-get install chromium) for the browser test")
+        _missing(f"{CHROMIUM} not found: install Debian's chromium (apt-get install chromium) for the browser test")
     return api
 
 
