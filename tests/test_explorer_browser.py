@@ -1,6 +1,9 @@
 """The explorer in a real browser: JupyterLab on localhost runs nbs/19_explore.ipynb (small settings:
-LAGM_NB_QUICK=1) in headless Chromium; moving the seed slider and a class toggle must change the picture; with
-LAGM_NB_SCREENSHOT=1 a screenshot of the explorer goes to figures/explorer.png. Skipped, with a message, without Playwright or Chromium."""
+LAGM_NB_QUICK=1) in headless Chromium; the training dashboard of its face annotator must show a picture, and moving
+the seed slider and a class toggle must change the explorer's picture. With LAGM_NB_SCREENSHOT=1 the notebook runs
+at its own size (as a reader runs it, still seconds) and screenshots of the explorer and the dashboard go to
+figures/explorer.png and figures/dashboard.png. Skipped, with a message, without
+Playwright or Chromium; failed instead with LAGM_NB_REQUIRE_BROWSER=1 (set by .ci/run)."""
 import json, os, secrets, signal, socket, subprocess, sys, time, urllib.request
 from pathlib import Path
 
@@ -9,8 +12,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = "nbs/19_explore.ipynb"
 CHROMIUM = Path("/usr/bin/chromium")
-# the picture in the README: written only when asked (LAGM_NB_SCREENSHOT=1), so that a test run leaves the checkout as it was
+# the pictures in the README: written only when asked (LAGM_NB_SCREENSHOT=1), so that a test run leaves the checkout
+# as it was
+TAKE_SCREENSHOTS = os.environ.get("LAGM_NB_SCREENSHOT") == "1"
 SCREENSHOT = ROOT / "figures" / "explorer.png"
+DASHBOARD_SCREENSHOT = ROOT / "figures" / "dashboard.png"
+# the notebook's cell that trains the face annotator with a TrainingDashboard watching (found by its source)
+DASHBOARD_CELL = "callbacks=[dashboard]"
 # JupyterLab settings for the test: no autosave (the run must not write outputs into the committed notebook) and
 # every cell in the page (no windowing), so that all of them can be checked; no news pop-up over the screenshot
 SETTINGS = {"@jupyterlab/docmanager-extension/plugin.jupyterlab-settings": {"autosave": False},
@@ -44,7 +52,7 @@ def jupyterlab(tmp_path):
         (tmp_path / "settings" / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "settings" / name).write_text(json.dumps(value))
     port, token = _free_port(), secrets.token_hex(16)
-    env = {**os.environ, "LAGM_NB_QUICK": "1", "OMP_NUM_THREADS": "1",
+    env = {**os.environ, "LAGM_NB_QUICK": "0" if TAKE_SCREENSHOTS else "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
            "JUPYTER_DATA_DIR": str(tmp_path / "data"), "JUPYTER_CONFIG_DIR": str(tmp_path / "config"),
            "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"), "JUPYTERLAB_SETTINGS_DIR": str(tmp_path / "settings"),
@@ -82,6 +90,35 @@ RUN_STATE = """() => {   // null while cells are queued or running, else the err
 }"""
 
 
+CELL_OUTPUTS = """(marker) => {   // [index, outputs] of the first cell whose source contains `marker`
+  const cells = window.jupyterapp.shell.currentWidget.content.model.cells;
+  for (let i = 0; i < cells.length; i++) {
+    const cell = cells.get(i).toJSON();
+    const source = Array.isArray(cell.source) ? cell.source.join('') : cell.source;
+    if (source.includes(marker)) return [i, cell.outputs || []];
+  }
+  return null;
+}"""
+
+
+def _dashboard_picture(page) -> bytes:
+    "A screenshot of the training dashboard's picture, checked in the notebook's model and on the page."
+    found = page.evaluate(CELL_OUTPUTS, DASHBOARD_CELL)
+    assert found, f"no cell of {NOTEBOOK} contains {DASHBOARD_CELL!r}"
+    index, outputs = found
+    pngs = [o["data"]["image/png"] for o in outputs if "image/png" in o.get("data", {})]
+    assert len(pngs) == 1, f"the dashboard's cell has {len(pngs)} pictures, not one updated in place: {outputs}"
+    assert len(pngs[0]) > 1000, "the dashboard's picture is empty"
+    image = page.locator(".jp-Notebook .jp-Cell").nth(index).locator(".jp-OutputArea-output img")
+    assert image.count() == 1, "the dashboard's picture is not on the page"
+    image.scroll_into_view_if_needed()
+    page.wait_for_function("el => el.complete && el.naturalWidth > 0", arg=image.element_handle())
+    assert image.bounding_box()["width"] > 100 and image.bounding_box()["height"] > 100
+    picture = image.screenshot()
+    assert picture.startswith(b"\x89PNG")
+    return picture
+
+
 def _new_src(page, image, src_before: str, what: str) -> str:
     "The image's new src once `what` has changed it (the widget gives every new picture a new blob URL)."
     try: page.wait_for_function("([el, old]) => el.src && el.src !== old", arg=[image.element_handle(), src_before],
@@ -90,12 +127,20 @@ def _new_src(page, image, src_before: str, what: str) -> str:
     return image.get_attribute("src")
 
 
+def _missing(why: str):
+    "Skip the test, saying why; fail it instead where the browser is required (.ci/run: LAGM_NB_REQUIRE_BROWSER=1)."
+    if os.environ.get("LAGM_NB_REQUIRE_BROWSER") == "1":
+        pytest.fail(f"{why}; LAGM_NB_REQUIRE_BROWSER=1 requires the browser test to run", pytrace=False)
+    pytest.skip(why)
+
+
 @pytest.fixture
 def sync_api():
-    "Playwright's sync API, and Debian's Chromium for it to drive; the test is skipped without either."
-    api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install playwright")
+    "Playwright's sync API, and Debian's Chromium for it to drive; without either, see `_missing`."
+    try: from playwright import sync_api as api
+    except ImportError: _missing("playwright is not installed: pip install playwright")
     if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} not found: install Debian's chromium (apt-get install chromium) for the browser test")
+        _missing(f"{CHROMIUM} not found: install Debian's chromium (apt-get install chromium) for the browser test")
     return api
 
 
@@ -114,6 +159,7 @@ def test_explorer_in_a_browser(sync_api, jupyterlab):
                 raise AssertionError(f"the notebook did not finish in JupyterLab; server log:\n"
                                      f"{log.read_text()[-3000:]}") from e
             assert errors == [], f"the notebook failed in JupyterLab: {errors}"
+            dashboard = _dashboard_picture(page)
             explorer = page.locator(".lagm-explorer").last     # the faces explorer (the first is the tiny check's)
             explorer.scroll_into_view_if_needed()
             image = explorer.locator(".lagm-explorer-image")
@@ -131,6 +177,6 @@ def test_explorer_in_a_browser(sync_api, jupyterlab):
             assert "seeds 1-8" in explorer.locator(".lagm-explorer-status").inner_text()
             picture = explorer.screenshot()
             assert picture.startswith(b"\x89PNG")
-            if os.environ.get("LAGM_NB_SCREENSHOT") == "1": SCREENSHOT.write_bytes(picture)
+            if TAKE_SCREENSHOTS: SCREENSHOT.write_bytes(picture); DASHBOARD_SCREENSHOT.write_bytes(dashboard)
         finally:
             browser.close()
