@@ -239,3 +239,29 @@ def test_inversion_annotator_resumes_after_an_interrupted_fit(monkeypatch, tmp_p
         inversion_annotator(G, A0, lab, cfg, out_dir=tmp_path / "cut", resume=True, **fit)
     with pytest.raises(CheckpointError, match="'fit_steps': \\(4, 5\\)"):
         inversion_annotator(G, fresh(), lab, cfg, out_dir=tmp_path / "cut", resume=True, fit_steps=5, progress=False)
+
+
+def test_the_harness_inversion_row_resumes_in_its_work_folder(monkeypatch, tmp_path):
+    from lagm_nb.bench.harness import SMOKE, Benchmark, ResultStore, RowSettings, inverted_annotator
+    from lagm_nb.testing import TeacherLabeller
+    G = tiny_generator()
+    z = G.latents(8, seed=5)
+    pool = LabelledImages(G.sample(z=z)[0], TeacherLabeller(G, 3)(z), 3)
+    bench = Benchmark("toy", ["a", "b", "c"], [(0, 0, 0), (255, 0, 0), (0, 0, 255)], {"gen": pool}, {"gen": pool},
+                      pool, generators=lambda name: G, generator_names=["tiny"], sources={"": "gen"})
+    cfg = RowSettings(**{k: v for k, v in SMOKE.items() if k not in ("n_val", "n_test")})
+    whole = inverted_annotator(ResultStore(tmp_path / "a"), bench, cfg, "gen", 4, 0)
+    store = ResultStore(tmp_path / "b")
+    def crash(*args, **kwargs): raise Interrupted("simulated interruption")
+    with monkeypatch.context() as m:                     # killed while fitting: the inversion is checkpointed
+        m.setattr(inversion, "fit_annotator", crash)
+        with pytest.raises(Interrupted): inverted_annotator(store, bench, cfg, "gen", 4, 0)
+    assert len(list((tmp_path / "b" / "work").rglob("checkpoint.pt"))) == 1
+    with monkeypatch.context() as m:                     # the rerun resumes it instead of searching again
+        _stop_after(m, 0)
+        again = inverted_annotator(store, bench, cfg, "gen", 4, 0)
+    assert again.key == whole.key and again.result["psnr"] == whole.result["psnr"]
+    a, b = whole.tensors(), again.tensors()
+    assert all(torch.equal(a["annotator"][k], v) for k, v in b["annotator"].items())
+    assert torch.equal(a["latents"], b["latents"]) and torch.equal(a["reconstructions"], b["reconstructions"])
+    assert not (tmp_path / "b" / "work").exists() or not any((tmp_path / "b" / "work").rglob("checkpoint.pt"))
