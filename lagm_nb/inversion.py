@@ -5,13 +5,14 @@ the annotator (Eq. 3) on the generator features of the recovered latents."""
 
 # %% ../nbs/15_inversion.ipynb #inv00003
 from __future__ import annotations
-import dataclasses, math
+import dataclasses, math, time, warnings
 from collections.abc import Callable
+from pathlib import Path
 import torch
 from torch import nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from .core import Config, step_seed
+from .core import Config, RunDir, fingerprint, load_state_dict_checked, step_seed
 from .datasets import LabelledImages, check_images
 from .generators import FeatureGenerator, HookedGenerator
 from .train import fit_annotator
@@ -165,45 +166,126 @@ def _reconstruct(view, latents, targets, config, perceptual) -> tuple[torch.Tens
         with torch.no_grad(): recs.append(x.cpu()); losses.append(loss_fn(x).cpu())
     return torch.cat(recs), torch.cat(losses)
 
+# %% ../nbs/15_inversion.ipynb #inv00051
+_KEPT = ("latents", "losses", "psnr", "restart")   # what a checkpoint keeps of the best results so far
+
+def _keep_better(best: dict | None, n: int, i: int, found: dict, restart: int) -> dict:
+    """Merge `found` (latents, reconstructions, losses, psnr of the images i, i+1, ... from `restart`) into `best`
+    [n] per image: restart 0 fills, a later one replaces an image's result only with a strictly lower loss."""
+    if best is None:
+        best = {k: v.new_zeros(n, *v.shape[1:]) for k, v in found.items()}
+        best["restart"] = torch.zeros(n, dtype=torch.long)
+    part, k = slice(i, i + len(found["losses"])), len(found["losses"])
+    better = found["losses"] < best["losses"][part] if restart > 0 else torch.ones(k, dtype=torch.bool)
+    for key, v in {**found, "restart": torch.full((k,), restart)}.items():
+        best[key][part] = torch.where(better.view(-1, *[1] * (v.ndim - 1)), v, best[key][part])
+    return best
+
+def _state(best: dict, done: int, w_mean: torch.Tensor | None, spread: float) -> dict:
+    "What the checkpoint of an inversion holds after `done` batches (restart-major order)."
+    return {"done": done, "w_mean": None if w_mean is None else w_mean.cpu(), "spread": spread,
+            **{k: best[k] for k in _KEPT}}
+
+# %% ../nbs/15_inversion.ipynb #inv00053
+def _search(view: FeatureGenerator, targets: torch.Tensor, starts: torch.Tensor, config: InversionConfig,
+            space: str, spread: float, perceptual: Callable | None, seed: int, bar=None) -> dict:
+    "One search for a batch of images: the latents found, their reconstructions, losses and PSNR (on the CPU)."
+    loss_fn = ReconstructionLoss(targets.to(view.device), config.multiscale_weight, perceptual,
+                                 config.perceptual_weight)
+    latents = project(view, loss_fn, starts, config, space, spread, torch.Generator().manual_seed(seed), bar).cpu()
+    recs, losses = _reconstruct(view, latents, targets, config, perceptual)
+    return {"latents": latents, "reconstructions": recs, "losses": losses, "psnr": psnr(recs, targets.cpu())}
+
+# %% ../nbs/15_inversion.ipynb #inv00055
+def _restored(view: FeatureGenerator, images: torch.Tensor, config: InversionConfig, perceptual: Callable | None,
+              state: dict | None, source: Path | None = None) -> tuple[dict | None, int]:
+    """The best results so far of a checkpointed `state`, with the reconstructions of the images done rendered
+    again from their latents, and the number of batches done ((None, 0) without a state)."""
+    if not state: return None, 0
+    n = len(images)
+    best, filled = {k: state[k] for k in _KEPT}, min(n, state["done"] * config.batch_size)
+    recs, losses = _reconstruct(view, best["latents"][:filled], images[:filled], config, perceptual)
+    if not torch.equal(losses, best["losses"][:filled]):
+        off = (losses - best["losses"][:filled]).abs().max()
+        warnings.warn(f"{source}: the reconstructions rendered again from the checkpointed latents do not give "
+                      f"the checkpointed losses (largest difference {off:.3g}): the generator's forward pass is "
+                      "not deterministic here. The latents and losses are the "
+                      "checkpoint's; the reconstructions and their PSNR may differ from an uninterrupted run's")
+    best["reconstructions"] = torch.cat([recs, recs.new_zeros(n - filled, *recs.shape[1:])])
+    return best, state["done"]
+
+# %% ../nbs/15_inversion.ipynb #inv00057
+def _invert(generator: FeatureGenerator, images: torch.Tensor, cfg: InversionConfig, space: str,
+            perceptual: Callable | None, run: RunDir, state: dict | None, progress: bool) -> tuple[Inversion, dict]:
+    "The loop of `invert`, continuing after the batches of a checkpointed `state`; the result and its final state."
+    view, n, B = latent_view(generator, space), len(images), cfg.batch_size
+    per_restart = math.ceil(n / B)
+    units = cfg.restarts * per_restart                                      # batches of all restarts, in order
+    w_mean, spread = ((state["w_mean"], state["spread"]) if state else (None, 1.0) if space == "z" else
+                      w_statistics(generator, cfg.w_avg_samples, step_seed(cfg.seed, 0, "w mean")))
+    best, done = _restored(view, images, cfg, perceptual, state, run.dir)
+    elapsed0, t0, starts = max([r["time"] for r in run.history], default=0.0), time.perf_counter(), None
+    bar = tqdm(total=units * cfg.steps, initial=done * cfg.steps, disable=not progress, desc=f"inverting ({space})")
+    for unit in range(done, units):
+        (r, b), t1 = divmod(unit, per_restart), time.perf_counter()
+        if b == 0 or starts is None: starts = start_latents(generator, space, n, r, cfg.seed, w_mean)
+        i = b * B
+        found = _search(view, images[i:i+B], starts[i:i+B], cfg, space, spread, perceptual,
+                        step_seed(cfg.seed, r, f"noise {b}"), bar)
+        best, seconds = _keep_better(best, n, i, found, r), time.perf_counter() - t1
+        for j, (loss, p) in enumerate(zip(found["losses"].tolist(), found["psnr"].tolist())):
+            run.record({"restart": r, "image": i + j, "loss": loss, "psnr": p, "seconds": seconds,
+                        "time": elapsed0 + time.perf_counter() - t0})
+        run.save(_state(best, unit + 1, w_mean, spread))
+        bar.set_postfix(psnr=f"{best['psnr'][:(unit + 1) * B].mean():.1f} dB")
+    bar.close()
+    recs = best["reconstructions"]
+    inv = Inversion(best["latents"], space, view, recs, psnr(recs, images.cpu()), best["losses"], best["restart"])
+    return inv, _state(best, units, w_mean, spread)
+
 # %% ../nbs/15_inversion.ipynb #inv00025
+def _run_settings(generator: FeatureGenerator, images: torch.Tensor, cfg: InversionConfig,
+                  perceptual: Callable | None) -> dict:
+    "What a run folder must have been written with to be resumed: the settings, and fingerprints of the inputs."
+    known = (None if perceptual is None else fingerprint(perceptual) if isinstance(perceptual, nn.Module)
+             else getattr(perceptual, "__qualname__", type(perceptual).__qualname__))   # a function: its name
+    return {**cfg.to_dict(), "generator": fingerprint(generator), "images": fingerprint(images), "perceptual": known}
+
 def invert(generator: FeatureGenerator, images: torch.Tensor, config: InversionConfig | None = None, *,
-           perceptual: Callable | None = None, progress: bool = True) -> Inversion:
-    "Project `images` [N,3,H,W] in [-1, 1] into the latent space of `generator` (`config.space`)."
+           perceptual: Callable | None = None, out_dir: str | Path | None = None, resume: bool = False,
+           overwrite: bool = False, progress: bool = True) -> Inversion:
+    """Project `images` [N,3,H,W] in [-1, 1] into the latent space of `generator` (`config.space`); with `out_dir`,
+    checkpointed after every batch, and `resume=True` continues an interrupted run to the same latents."""
     cfg = config or InversionConfig()
     space = resolve_space(generator, cfg.space)
     check_images(images, "images to invert", generator.image_size, "the generator's image size")
-    view, n, B = latent_view(generator, space), len(images), cfg.batch_size
-    w_mean, spread = (None, 1.0) if space == "z" else w_statistics(generator, cfg.w_avg_samples,
-                                                                          step_seed(cfg.seed, 0, "w mean"))
-    best = None
-    bar = tqdm(total=cfg.restarts * math.ceil(n / B) * cfg.steps, disable=not progress, desc=f"inverting ({space})")
-    for r in range(cfg.restarts):
-        starts, found = start_latents(generator, space, n, r, cfg.seed, w_mean), []
-        for b, i in enumerate(range(0, n, B)):
-            loss_fn = ReconstructionLoss(images[i:i+B].to(view.device), cfg.multiscale_weight, perceptual,
-                                         cfg.perceptual_weight)
-            g = torch.Generator().manual_seed(step_seed(cfg.seed, r, f"noise {b}"))
-            found.append(project(view, loss_fn, starts[i:i+B], cfg, space, spread, g, bar).cpu())
-        latents = torch.cat(found)
-        recs, losses = _reconstruct(view, latents, images, cfg, perceptual)
-        now = (latents, recs, losses, torch.full((n,), r))
-        if best is None: best = now
-        else:
-            better = losses < best[2]
-            best = tuple(torch.where(better.view(-1, *[1] * (a.ndim - 1)), a, b) for a, b in zip(now, best))
-        bar.set_postfix(psnr=f"{psnr(best[1], images.cpu()).mean():.1f} dB")
-    bar.close()
-    latents, recs, losses, restart = best
-    return Inversion(latents, space, view, recs, psnr(recs, images.cpu()), losses, restart)
+    run = RunDir(out_dir, "inversion_run", {} if out_dir is None else _run_settings(generator, images, cfg, perceptual))
+    return _invert(generator, images, cfg, space, perceptual, run, run.start(resume, overwrite), progress)[0]
 
 # %% ../nbs/15_inversion.ipynb #inv00037
 def inversion_annotator(generator: FeatureGenerator, annotator: nn.Module, labelled: LabelledImages,
                         config: InversionConfig | None = None, *, fit_steps: int = 500, fit_batch_size: int = 8,
-                        fit_lr: float = 1e-3, perceptual: Callable | None = None,
-                        progress: bool = True) -> tuple[nn.Module, Inversion]:
-    "Invert the labelled images, then fit `annotator` (Eq. 3) on their recovered latents' features and masks."
+                        fit_lr: float = 1e-3, perceptual: Callable | None = None, out_dir: str | Path | None = None,
+                        resume: bool = False, overwrite: bool = False, progress: bool = True
+                        ) -> tuple[nn.Module, Inversion]:
+    """Invert the labelled images, then fit `annotator` (Eq. 3) on their recovered latents' features and masks;
+    with `out_dir`, the inversion is checkpointed and resumable (`invert`), and the fitted annotator kept."""
     cfg = config or InversionConfig()
-    inv = invert(generator, labelled.images, cfg, perceptual=perceptual, progress=progress)
+    space = resolve_space(generator, cfg.space)
+    check_images(labelled.images, "images to invert", generator.image_size, "the generator's image size")
+    fit = dict(fit_steps=fit_steps, fit_batch_size=fit_batch_size, fit_lr=fit_lr)
+    settings = {} if out_dir is None else {**_run_settings(generator, labelled.images, cfg, perceptual), **fit,
+                                           "masks": fingerprint(labelled.masks), "annotator": fingerprint(annotator)}
+    run = RunDir(out_dir, "inversion_run", settings)
+    state = run.start(resume, overwrite)
+    inv, final = _invert(generator, labelled.images, cfg, space, perceptual, run, state, progress)
+    if state and "annotator" in state:                                   # fitted before the interruption
+        load_state_dict_checked(annotator, state["annotator"], f"annotator in {run.checkpoints[0]}")
+        return annotator.to(inv.generator.device).eval(), inv
+    t0 = time.perf_counter()
     fit_annotator(inv.generator, annotator, inv.latents, labelled.masks, steps=fit_steps, batch_size=fit_batch_size,
                   lr=fit_lr, seed=cfg.seed, progress=progress)
+    seconds = time.perf_counter() - t0
+    run.record({"fit_steps": fit_steps, "seconds": seconds, "time": max(r["time"] for r in run.history) + seconds})
+    run.save({**final, "annotator": annotator.state_dict()})
     return annotator, inv

@@ -1,7 +1,12 @@
+import json
+import re
+
 import pytest
 import torch
 
+import lagm_nb.inversion as inversion
 from lagm_nb.annotator import FPNAnnotator, PixelMLPAnnotator
+from lagm_nb.core import CheckpointError
 from lagm_nb.datasets import LabelledImages
 from lagm_nb.inversion import (InversionConfig, ReconstructionLoss, invert, inversion_annotator, latent_view,
                                learning_rate, noise_scale, psnr)
@@ -117,3 +122,146 @@ def test_inversion_annotator_end_to_end(kind):
     assert inv.latents.shape == (4, 16) and inv.psnr.shape == (4,)
     assert any(not torch.equal(p, q) for p, q in zip(before, A.parameters()))
     assert A(G.sample(2, seed=9)[1]).shape == (2, 3, 32, 32)
+
+
+# Checkpoints and resume (out_dir)
+
+RESULTS = ("latents", "losses", "restart", "reconstructions", "psnr")
+
+
+def _same(a, b): return all(torch.equal(getattr(a, k), getattr(b, k)) for k in RESULTS)
+
+
+class Interrupted(Exception):
+    "A simulated kill (not KeyboardInterrupt, which would stop pytest itself if a wrong implementation let it out)."
+
+
+def _stop_after(monkeypatch, k: int):
+    "Make `project` raise Interrupted on its call number k + 1 (k batches finish, as if the run were killed)."
+    real, calls = inversion.project, []
+    def stop(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > k: raise Interrupted("simulated interruption")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(inversion, "project", stop)
+
+
+def _log(folder): return [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+
+
+# (generator, config, batches done before the interruption): inside restart 0 (the best results still partly
+# empty), at a restart's boundary, and inside a later restart where batches mix images kept from several restarts.
+CUTS = [("dcgan", dict(restarts=2, batch_size=1), 1), ("dcgan", dict(restarts=2, batch_size=1), 4),
+        ("dcgan", dict(restarts=3, batch_size=2), 3), ("dcgan", dict(restarts=3, batch_size=2), 4),
+        ("stylegan", dict(space="w+", restarts=2, batch_size=2, w_avg_samples=500), 3)]
+
+
+@pytest.mark.parametrize("net,changes,k", CUTS)
+def test_interrupted_inversion_resumes_to_bit_identical_results(net, changes, k, monkeypatch, tmp_path):
+    G = tiny_generator() if net == "dcgan" else tiny_stylegan()
+    x, cfg = G.sample(3, seed=4)[0], InversionConfig(steps=12, **changes)
+    plain = invert(G, x, cfg, progress=False)
+    assert _same(invert(G, x, cfg, out_dir=tmp_path / "whole", progress=False), plain)   # a folder changes nothing
+    with monkeypatch.context() as m:
+        _stop_after(m, k)
+        with pytest.raises(Interrupted): invert(G, x, cfg, out_dir=tmp_path / "cut", progress=False)
+    state = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
+    sizes = [min(cfg.batch_size, 3 - i) for _ in range(cfg.restarts) for i in range(0, 3, cfg.batch_size)]
+    assert state["done"] == k and len(_log(tmp_path / "cut")) == sum(sizes[:k])    # one record per image finished
+    resumed = invert(G, x, cfg, out_dir=tmp_path / "cut", resume=True, progress=False)
+    assert _same(resumed, plain)
+    log = _log(tmp_path / "cut")
+    assert sorted((r["restart"], r["image"]) for r in log) == [(r, i) for r in range(cfg.restarts) for i in range(3)]
+    assert all(r["seconds"] >= 0 and r["psnr"] > 0 for r in log)
+    assert (tmp_path / "cut" / "checkpoint.prev.pt").exists()
+
+
+def test_a_run_folder_with_other_settings_is_refused(tmp_path):
+    G = tiny_generator()
+    x, cfg = G.sample(2, seed=4)[0], InversionConfig(steps=5)
+    invert(G, x, cfg, out_dir=tmp_path, progress=False)
+    where = re.escape(str(tmp_path))
+    for images, other in [(G.sample(2, seed=5)[0], cfg), (x, cfg.replace(steps=6)), (x, cfg.replace(seed=1))]:
+        with pytest.raises(CheckpointError, match=f"{where}.*other settings.*use the same settings, or another"):
+            invert(G, images, other, out_dir=tmp_path, resume=True, progress=False)
+    with pytest.raises(CheckpointError, match=r"'steps': \(5, 6\)"):
+        invert(G, x, cfg.replace(steps=6), out_dir=tmp_path, resume=True, progress=False)
+    with pytest.raises(CheckpointError, match="'images'"):
+        invert(G, G.sample(2, seed=5)[0], cfg, out_dir=tmp_path, resume=True, progress=False)
+
+
+def test_a_finished_run_is_not_overwritten_without_overwrite(monkeypatch, tmp_path):
+    G = tiny_generator()
+    x, cfg = G.sample(2, seed=4)[0], InversionConfig(steps=5, batch_size=1)
+    first = invert(G, x, cfg, out_dir=tmp_path, progress=False)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert set(before) == {"checkpoint.pt", "checkpoint.prev.pt", "log.jsonl"}
+    with pytest.raises(FileExistsError, match=f"{re.escape(str(tmp_path))} already holds a run.*overwrite=True"):
+        invert(G, x, cfg, out_dir=tmp_path, progress=False)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    with monkeypatch.context() as m:                     # resuming a finished run searches nothing
+        _stop_after(m, 0)
+        assert _same(invert(G, x, cfg, out_dir=tmp_path, resume=True, progress=False), first)
+    assert _same(invert(G, x, cfg, out_dir=tmp_path, overwrite=True, progress=False), first)
+    assert len(_log(tmp_path)) == 2
+
+
+def test_resume_needs_a_folder_and_starts_fresh_in_an_empty_one(tmp_path):
+    G = tiny_generator()
+    x, cfg = G.sample(2, seed=4)[0], InversionConfig(steps=5)
+    with pytest.raises(ValueError, match="resume=True needs the out_dir"): invert(G, x, cfg, resume=True)
+    assert _same(invert(G, x, cfg, out_dir=tmp_path / "new", resume=True, progress=False), invert(G, x, cfg,
+                                                                                                   progress=False))
+
+
+def test_inversion_annotator_resumes_after_an_interrupted_fit(monkeypatch, tmp_path):
+    G = tiny_generator()
+    lab = LabelledImages(G.sample(3, seed=4)[0], torch.randint(0, 3, (3, 32, 32), generator=torch.Generator()), 3)
+    cfg, fit = InversionConfig(steps=8, restarts=2, batch_size=2), dict(fit_steps=4, progress=False)
+    def fresh(): torch.manual_seed(0); return FPNAnnotator(G.feature_shapes, 3, G.image_size, width=8)
+    A0, inv0 = inversion_annotator(G, fresh(), lab, cfg, **fit)
+    A1, inv1 = inversion_annotator(G, fresh(), lab, cfg, out_dir=tmp_path / "whole", **fit)
+    def crash(*args, **kwargs): raise Interrupted("simulated interruption")
+    with monkeypatch.context() as m:
+        m.setattr(inversion, "fit_annotator", crash)
+        with pytest.raises(Interrupted): inversion_annotator(G, fresh(), lab, cfg, out_dir=tmp_path / "cut", **fit)
+    with monkeypatch.context() as m:                     # the inversion is done: it is not searched again
+        _stop_after(m, 0)
+        A2, inv2 = inversion_annotator(G, fresh(), lab, cfg, out_dir=tmp_path / "cut", resume=True, **fit)
+    with monkeypatch.context() as m:                     # and once fitted, the annotator is loaded, not fitted
+        m.setattr(inversion, "fit_annotator", crash)
+        A3, _ = inversion_annotator(G, fresh(), lab, cfg, out_dir=tmp_path / "cut", resume=True, **fit)
+    assert _same(inv1, inv0) and _same(inv2, inv0)
+    for A in (A1, A2, A3):
+        assert all(torch.equal(A.state_dict()[k], v) for k, v in A0.state_dict().items()) and not A.training
+    assert "fit_steps" in _log(tmp_path / "cut")[-1]
+    with pytest.raises(CheckpointError, match="other settings.*'annotator'"):        # not the annotator it started from
+        inversion_annotator(G, A0, lab, cfg, out_dir=tmp_path / "cut", resume=True, **fit)
+    with pytest.raises(CheckpointError, match="'fit_steps': \\(4, 5\\)"):
+        inversion_annotator(G, fresh(), lab, cfg, out_dir=tmp_path / "cut", resume=True, fit_steps=5, progress=False)
+
+
+def test_the_harness_inversion_row_resumes_in_its_work_folder(monkeypatch, tmp_path):
+    from lagm_nb.bench.harness import SMOKE, Benchmark, ResultStore, RowSettings, inverted_annotator
+    from lagm_nb.testing import TeacherLabeller
+    G = tiny_generator()
+    z = G.latents(8, seed=5)
+    pool = LabelledImages(G.sample(z=z)[0], TeacherLabeller(G, 3)(z), 3)
+    bench = Benchmark("toy", ["a", "b", "c"], [(0, 0, 0), (255, 0, 0), (0, 0, 255)], {"gen": pool}, {"gen": pool},
+                      pool, generators=lambda name: G, generator_names=["tiny"], sources={"": "gen"})
+    cfg = RowSettings(**{k: v for k, v in SMOKE.items() if k not in ("n_val", "n_test")})
+    whole = inverted_annotator(ResultStore(tmp_path / "a"), bench, cfg, "gen", 4, 0)
+    store = ResultStore(tmp_path / "b")
+    def crash(*args, **kwargs): raise Interrupted("simulated interruption")
+    with monkeypatch.context() as m:                     # killed while fitting: the inversion is checkpointed
+        m.setattr(inversion, "fit_annotator", crash)
+        with pytest.raises(Interrupted): inverted_annotator(store, bench, cfg, "gen", 4, 0)
+    assert len(list((tmp_path / "b" / "work").rglob("checkpoint.pt"))) == 1
+    with monkeypatch.context() as m:                     # the rerun resumes it instead of searching again
+        _stop_after(m, 0)
+        again = inverted_annotator(store, bench, cfg, "gen", 4, 0)
+    assert again.key == whole.key and again.result["psnr"] == whole.result["psnr"]
+    a, b = whole.tensors(), again.tensors()
+    assert all(torch.equal(a["annotator"][k], v) for k, v in b["annotator"].items())
+    assert torch.equal(a["latents"], b["latents"]) and torch.equal(a["reconstructions"], b["reconstructions"])
+    assert not (tmp_path / "b" / "work").exists() or not any((tmp_path / "b" / "work").rglob("checkpoint.pt"))

@@ -324,7 +324,8 @@ def inverted_annotator(store: ResultStore, bench: Benchmark, cfg: RowSettings, s
     def compute(work):
         t0 = time.perf_counter()
         A = _networks(bench, G, cfg, seed)[0]
-        A, inv = inversion_annotator(G, A, labelled, icfg, fit_steps=cfg.inversion_fit_steps)
+        A, inv = inversion_annotator(G, A, labelled, icfg, fit_steps=cfg.inversion_fit_steps, out_dir=work,
+                                     resume=True)   # an interrupted inversion continues from its checkpoint
         result = {"minutes": (time.perf_counter() - t0) / 60, "history": [], "space": inv.space,
                   "psnr": inv.psnr.tolist()}
         return result, {"annotator": A.state_dict(), "latents": inv.latents.cpu(),
