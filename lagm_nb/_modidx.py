@@ -811,6 +811,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'lagm_nb.train._resume': ('train.html#_resume', 'lagm_nb/train.py'),
                                'lagm_nb.train.annotate': ('train.html#annotate', 'lagm_nb/train.py'),
                                'lagm_nb.train.annotator_step': ('train.html#annotator_step', 'lagm_nb/train.py'),
+                               'lagm_nb.train.check_labelled': ('train.html#check_labelled', 'lagm_nb/train.py'),
                                'lagm_nb.train.check_segmenter_state': ('train.html#check_segmenter_state', 'lagm_nb/train.py'),
                                'lagm_nb.train.evaluate_annotator': ('train.html#evaluate_annotator', 'lagm_nb/train.py'),
                                'lagm_nb.train.evaluate_run': ('train.html#evaluate_run', 'lagm_nb/train.py'),
