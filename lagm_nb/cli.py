@@ -262,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 # %% ../nbs/18_cli.ipynb #c1000018
-USER_ERRORS = (ValueError, OSError, CheckpointError, ZooError)
+USER_ERRORS = (ValueError, OSError, CheckpointError, ZooError, FloatingPointError, RuntimeError)   # see above
 
 def main(argv: list[str] | None = None) -> int:
     "The `lagm` command line; returns the exit code (0 success, 2 bad arguments or inputs, 130 interrupted)."

@@ -5,7 +5,7 @@ plumbing every other notebook uses."""
 
 # %% ../nbs/00_core.ipynb #f69e48d8
 from __future__ import annotations
-import dataclasses, hashlib, json, os, random, tempfile, warnings, zlib
+import dataclasses, hashlib, json, os, pickle, random, tempfile, warnings, zlib
 from collections.abc import Iterable
 from pathlib import Path
 import numpy as np
@@ -13,9 +13,10 @@ import torch
 from torch import nn
 
 # %% auto #0
-__all__ = ['default_device', 'seed_everything', 'step_seed', 'CheckpointError', 'save_checkpoint', 'load_checkpoint',
-           'load_state_dict_checked', 'write_text_atomic', 'write_jsonl', 'Config', 'world', 'mean_over_ranks_',
-           'mean_over_ranks', 'join_torchrun', 'RunDir', 'FiniteGuard', 'notify', 'fingerprint']
+__all__ = ['default_device', 'seed_everything', 'step_seed', 'CheckpointError', 'load_error', 'save_checkpoint',
+           'load_checkpoint', 'load_state_dict_checked', 'write_text_atomic', 'write_jsonl', 'Config', 'world',
+           'mean_over_ranks_', 'mean_over_ranks', 'join_torchrun', 'RunDir', 'nonfinite_tensors', 'FiniteGuard',
+           'notify', 'fingerprint']
 
 # %% ../nbs/00_core.ipynb #08f31717
 def _mps_available() -> bool:
@@ -61,6 +62,13 @@ def step_seed(seed: int, step: int, stream: str = "") -> int:
 class CheckpointError(RuntimeError):
     "A checkpoint file is missing, corrupt, or belongs to another model or run."
 
+_REDO = "delete it and start again, or pass the file that the right run wrote"
+
+def load_error(e: Exception) -> str:
+    "What `torch.load(..., weights_only=True)` failed with, without torch's advice to load the file unsafely."
+    unsafe = isinstance(e, pickle.UnpicklingError) or "weights_only" in str(e)
+    return type(e).__name__ if unsafe else f"{type(e).__name__}: {e}"
+
 def save_checkpoint(obj: dict, path: str | Path, kind: str) -> Path:
     "Write `obj` (a dict) to `path` atomically, tagged with `kind`."
     path = Path(path)
@@ -83,8 +91,7 @@ def load_checkpoint(path: str | Path, kind: str, map_location="cpu") -> dict:
         raise CheckpointError(f"checkpoint {path} does not exist; check the path, or start without resume")
     try: obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"checkpoint {path} is corrupt or not a torch file ({type(e).__name__}: {e}); "
-                              "delete it and start again, or pass the file that the right run wrote") from e
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a torch file ({load_error(e)}); {_REDO}") from None
     found = obj.get("lagm_nb_kind") if isinstance(obj, dict) else None
     if found != kind:
         raise CheckpointError(f"checkpoint {path} holds a {found!r}, not a {kind!r}; "
@@ -185,17 +192,22 @@ def _check_settings(settings: dict, saved: dict, restartable: set, path: Path):
     if differ: raise CheckpointError(f"{path} was written with other settings (file vs now): {differ}; "
                                      "use the same settings, or another out_dir")
 
-def _newest_readable(paths: list[Path], kind: str, map_location) -> tuple[dict | None, Path | None]:
-    "The first of `paths` that loads, warning about each damaged one before it; (None, None) if none exists."
+def _newest_readable(paths: list[Path], kind: str, map_location) -> tuple[dict | None, Path | None, list[str]]:
+    "The first of `paths` that loads, and the errors of the damaged ones before it; (None, None, []) if none exists."
     errors = []
     for path in paths:
         try: state = load_checkpoint(path, kind, map_location)
         except CheckpointError as e: errors.append(str(e)); continue
-        if errors: warnings.warn(f"{errors[0]}; resuming from the previous checkpoint {path} instead")
-        return state, path
+        return state, path, errors
     if errors: raise CheckpointError("no checkpoint of this run can be read: " + " / ".join(errors) +
                                      "; delete them (or pass resume=False, overwrite=True) to start again")
-    return None, None
+    return None, None, []
+
+def _free_name(folder: Path, stem: str, suffix: str) -> Path:
+    "`folder/stem+suffix`, or `stem.2+suffix`, `stem.3+suffix`, ... if it is taken: nothing is replaced."
+    i = 1
+    while (path := folder / f"{stem}{f'.{i}' if i > 1 else ''}{suffix}").exists(): i += 1
+    return path
 
 # %% ../nbs/00_core.ipynb #5e1a0c03
 class RunDir:
@@ -222,22 +234,30 @@ class RunDir:
         if found and not resume and not overwrite:
             raise FileExistsError(f"{self.dir} already holds a run ({found[0].name}); pass resume=True to continue "
                                   "it, overwrite=True to start it again from scratch, or another out_dir")
-        state, path = _newest_readable(found, self.kind, map_location) if resume else (None, None)
+        state, path, damaged = _newest_readable(found, self.kind, map_location) if resume else (None, None, [])
         if state is not None:
             _check_settings(self.settings, {**self.defaults, **state["settings"]}, self.restartable, path)
+            if damaged: self._set_aside(found[0], damaged[0], path)
         elif self.writes: self._clear(found, resume)
         self.history = list(state["history"]) if state else []
         if self.writes: write_jsonl(self.dir / "log.jsonl", self.history)
         return state
 
+    def _set_aside(self, bad: Path, error: str, used: Path):
+        "Rename the damaged newest checkpoint, so that the next `save` keeps the previous one it resumed from."
+        aside = _free_name(self.dir, "checkpoint.damaged", ".pt")
+        if self.writes: os.replace(bad, aside)
+        warnings.warn(f"{error.removesuffix('; ' + _REDO)}; resuming from the previous checkpoint {used} instead "
+                      f"(the damaged file is kept as {aside.name}: delete it once you have looked)")
+
     def _clear(self, found: list[Path], resume: bool):
-        "Remove the checkpoints of a run that starts again; keep its log aside if it was meant to resume."
+        "Remove the checkpoints of a run that starts again; keep its log aside (never over an older one) if resuming."
         for p in found: p.unlink()
         log = self.dir / "log.jsonl"
         if resume and log.exists():
-            os.replace(log, self.dir / "log.before-restart.jsonl")
-            print(f"{self.dir}: no checkpoint to resume, starting from scratch "
-                  "(old log kept as log.before-restart.jsonl)")
+            kept = _free_name(self.dir, "log.before-restart", ".jsonl")
+            os.replace(log, kept)
+            print(f"{self.dir}: no checkpoint to resume, starting from scratch (old log kept as {kept.name})")
 
     def record(self, r: dict):
         "Append a record to the history and, with a folder, to `log.jsonl`."
@@ -253,9 +273,20 @@ class RunDir:
         save_checkpoint({"settings": self.settings, "history": self.history, **state}, new, self.kind)
 
 # %% ../nbs/00_core.ipynb #5e1a0c08
+_FIX = ("nothing of it was checkpointed (the last checkpoint, if any, is intact). Look for NaN or infinite inputs, "
+        "or lower the learning rates, then resume")
+
+def nonfinite_tensors(module: nn.Module) -> list[str]:
+    "Names of the floating-point parameters and buffers of `module` that hold a NaN or an infinity."
+    named = [(n, t) for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_floating_point()]
+    if not named: return []
+    finite = torch.stack([torch.isfinite(t.detach()).all() for _, t in named])
+    return [] if bool(finite.all()) else [n for (n, _), ok in zip(named, finite.tolist()) if not ok]
+
 class FiniteGuard:
     "Watches losses on their device without waiting for them; `check(step)` raises if one was NaN or infinite."
-    def __init__(self, what: str): self.what, self.ok, self.since = what, None, 1
+    def __init__(self, what: str, after: int = 0):      # `after`: the step a resumed run continues after
+        self.what, self.ok, self.since = what, None, after + 1
 
     def watch(self, *losses: torch.Tensor | None):
         for loss in losses:
@@ -263,12 +294,17 @@ class FiniteGuard:
             finite = torch.isfinite(loss.detach()).all()
             self.ok = finite if self.ok is None else self.ok & finite
 
-    def check(self, step: int):
+    def check(self, step: int, **networks: nn.Module):
+        "Raise if a watched loss since the last check, or a weight or buffer of `networks` now, is NaN or infinite."
         if self.ok is not None and not bool(self.ok):
             raise FloatingPointError(f"{self.what}: a loss became NaN or infinite between steps {self.since} and "
-                                     f"{step}; nothing of it was checkpointed (the last checkpoint, if any, is "
-                                     "intact). Look for NaN or infinite inputs, or lower the learning rates, then "
-                                     "resume")
+                                     f"{step}; {_FIX}")
+        for name, net in networks.items():
+            if bad := nonfinite_tensors(net):
+                raise FloatingPointError(
+                    f"{self.what}: the {name}'s {bad[0]}{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''} "
+                    f"became NaN or infinite between steps {self.since} and {step} while the losses stayed finite "
+                    f"(a NaN or infinite gradient); {_FIX}")
         self.ok, self.since = None, step + 1
 
 # %% ../nbs/00_core.ipynb #5e1a0c11

@@ -12,10 +12,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from .core import fingerprint
 
 # %% auto #0
-__all__ = ['IMAGE_SUFFIXES', 'INDEX_MASK_MODES', 'BatchSource', 'check_image_values', 'LabelledImages', 'pair_by_stem',
-           'read_mask', 'merge_classes', 'labelled_images_from_folder', 'check_images', 'resize_pair', 'check_classes']
+__all__ = ['IMAGE_SUFFIXES', 'INDEX_MASK_MODES', 'BatchSource', 'check_image_values', 'check_mask_values', 'LabelledImages',
+           'pair_by_stem', 'read_mask', 'merge_classes', 'labelled_images_from_folder', 'check_images', 'resize_pair',
+           'check_classes', 'check_batch_source']
 
 # %% ../nbs/02_datasets.ipynb #c4eck001
 def check_image_values(images: torch.Tensor, name: Callable[[int], str], range_checked: bool = False):
@@ -37,6 +39,13 @@ def check_image_values(images: torch.Tensor, name: Callable[[int], str], range_c
         warnings.warn("images all lie in [0, 1], but LabelledImages expects [-1, 1]: convert [0, 1] images with "
                       "images * 2 - 1, or pass range_checked=True if they are [-1, 1] images that are all non-negative",
                       UserWarning, stacklevel=4)
+
+def check_mask_values(masks: torch.Tensor, name: Callable[[int], str]):
+    "Refuse float masks [N,H,W] with NaN or infinite values (converted to integers they would become any class)."
+    if not masks.is_floating_point(): return
+    bad = (~torch.isfinite(masks)).flatten(1).any(1).nonzero()[:, 0].tolist()
+    if bad: raise ValueError(f"{name(bad[0])} has NaN or infinite mask values ({len(bad)} such masks, indices "
+                             f"{bad[:5]}); masks hold class indices (or ignore_index): fix or drop them")
 
 # %% ../nbs/02_datasets.ipynb #01bead99
 @dataclasses.dataclass
@@ -66,6 +75,7 @@ class LabelledImages:
         if self.images.shape[-2:] != self.masks.shape[-2:]:
             raise ValueError(f"images are {tuple(self.images.shape[-2:])} but masks {tuple(self.masks.shape[-2:])} "
                              f"(first: {name(0)}); resize masks with nearest interpolation to the image size")
+        check_mask_values(self.masks, name)
         self.masks = self.masks.long()
         bad = ((self.masks < 0) | (self.masks >= self.n_classes)) & (self.masks != self.ignore_index)
         if bad.any():
@@ -222,6 +232,9 @@ def check_images(images, name: str = "images", image_size: tuple[int, int] | Non
         raise ValueError(f"{name} are {shape[-2]}x{shape[-1]} pixels but must be {image_size[0]}x{image_size[1]} "
                          f"({size_of}); resize them, e.g. F.interpolate(images, size={tuple(image_size)}, "
                          "mode='bilinear', antialias=True)")
+    bad = (~torch.isfinite(images)).flatten(1).any(1).nonzero()[:, 0].tolist()
+    if bad: raise ValueError(f"{name}: image {bad[0]} has NaN or infinite values ({len(bad)} such images); "
+                             "fix or drop them")
     lo, hi = images.min().item(), images.max().item()
     if lo < -1 - 1e-3 or hi > 1 + 1e-3:
         raise ValueError(f"{name} must lie in [-1, 1], found values in [{lo:.2f}, {hi:.2f}] "
@@ -250,3 +263,28 @@ def check_classes(**things):
 
 # %% ../nbs/02_datasets.ipynb #d5a7e008
 BatchSource = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
+
+# %% ../nbs/02_datasets.ipynb #d5a7e013
+def _label_classes(labels: torch.Tensor, ignore_index: int) -> tuple[str, Callable[[int], bool]]:
+    "What a batch's labels say of the class count, and a test of a class count against them."
+    if labels.is_floating_point():
+        c = labels.shape[1] if labels.ndim == 4 else None
+        return f"soft labels of {c} channels", lambda n: n == c
+    kept = labels[labels != ignore_index]
+    lo, hi = (int(kept.min()), int(kept.max())) if kept.numel() else (0, -1)
+    return f"labels from {lo} to {hi} (at least {hi + 1} classes)", lambda n: 0 <= lo and hi < n
+
+def check_batch_source(source: BatchSource, ignore_index: int = 255, **things) -> str:
+    """Refuse a batch source whose classes do not fit those of `things` (networks, `LabelledImages`); return what
+    identifies its data in a run's settings: its `__fingerprint__`, else its first batch's fingerprint."""
+    check_classes(labels=source, **things)              # a source that knows its n_classes (labelled_batches does)
+    known = getattr(source, "n_classes", None) is not None
+    if known and hasattr(source, "__fingerprint__"): return fingerprint(source)
+    images, labels = source(1)[:2]
+    found, fits = _label_classes(labels, ignore_index)
+    counts = {name: t.n_classes for name, t in things.items() if getattr(t, "n_classes", None) is not None}
+    if not all(fits(n) for n in counts.values()):
+        said = ", ".join(f"the {name} {n}" for name, n in counts.items())
+        raise ValueError(f"class counts differ: the first batch of the batch source has {found}, {said}; build the "
+                         "networks for the labels' classes (one n_classes everywhere), or fix the batch source")
+    return fingerprint(source) if hasattr(source, "__fingerprint__") else f"first batch {fingerprint(images, labels)}"

@@ -12,7 +12,7 @@ from torch import nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 from .core import FiniteGuard, RunDir, default_device, fingerprint, load_state_dict_checked, notify, step_seed
-from .datasets import BatchSource, LabelledImages, check_classes
+from .datasets import BatchSource, LabelledImages, check_batch_source, check_classes
 from .generators import FeatureGenerator
 from .gradmatch import segmentation_loss
 from .metrics import evaluate_segmenter, scores
@@ -59,6 +59,8 @@ def labelled_batches(data: LabelledImages, batch_size: int = 8, augmented: bool 
         idx = torch.randint(0, len(data), (batch_size,), generator=g)
         x, y = data.images[idx].to(device), data.masks[idx].to(device)
         return augment(x, y, g, ignore_index=data.ignore_index) if augmented else (x, y)
+    batch.n_classes = data.n_classes                             # for check_batch_source
+    batch.__fingerprint__ = lambda: ("labelled_batches", data, batch_size, augmented, seed)
     return batch
 
 @torch.no_grad()
@@ -88,6 +90,7 @@ def dataset_batches(dataset: torch.utils.data.Dataset, batch_size: int = 8, seed
         g = torch.Generator().manual_seed(step_seed(seed, step, "dataset"))
         items = [dataset[i] for i in torch.randint(0, len(dataset), (batch_size,), generator=g).tolist()]
         return tuple(torch.stack(parts).to(device) for parts in zip(*items))
+    batch.n_classes = getattr(dataset, "n_classes", None)
     return batch
 
 # %% ../nbs/10_downstream.ipynb #1aeeb7cf
@@ -118,23 +121,26 @@ def train_segmenter(segmenter: nn.Module, batches: BatchSource, steps: int, *, l
                     desc: str = "segmenter", callbacks: list = ()) -> SegmenterRun:
     "Train `segmenter` on `batches(step)` for `steps` steps; keep the weights with the best validation mIoU."
     device = default_device(device)
-    check_classes(segmenter=segmenter, val=val)
+    check_classes(labels=batches, segmenter=segmenter, val=val)
     segmenter.to(device)
     opt = make_optimizer(segmenter.parameters(), optimizer, lr)
+    source = check_batch_source(batches, segmenter=segmenter, val=val)   # the labels' classes; what the batches are
+    named = None if data else source                                     # unless `data` names them
     settings = dict(lr=lr, optimizer=optimizer, seed=seed, data=data, val=None if val is None else fingerprint(val),
-                    steps=steps, eval_every=eval_every, checkpoint_every=checkpoint_every)
-    run = RunDir(out_dir, "segmenter_run", settings, restartable={"steps", "eval_every", "checkpoint_every"})
+                    steps=steps, eval_every=eval_every, checkpoint_every=checkpoint_every, batches=named)
+    run = RunDir(out_dir, "segmenter_run", settings, restartable={"steps", "eval_every", "checkpoint_every"},
+                 defaults={"batches": named})    # a checkpoint from before `batches` was recorded: the same data
     state, start, best = run.start(resume, overwrite, map_location=device), 0, (None, -math.inf, None)
     if state:
         load_state_dict_checked(segmenter, state["segmenter"], f"segmenter in {run.checkpoints[0]}")
         opt.load_state_dict(state["optimizer"]); start, best = state["step"], tuple(state["best"])
     bar = tqdm(range(start + 1, steps + 1), initial=start, total=steps, disable=not progress, desc=desc)
-    guard = FiniteGuard(desc)
+    guard = FiniteGuard(desc, start)
     for t in bar:
         loss = supervised_loss(segmenter, batches, t, seed)
         opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
         guard.watch(loss)
-        if t % 50 == 0 or t % checkpoint_every == 0 or t == steps: guard.check(t)
+        if t % 50 == 0 or t % checkpoint_every == 0 or t == steps: guard.check(t, segmenter=segmenter)
         if t % 50 == 0 or t == steps:
             run.record({"step": t, "loss": loss.item()}); bar.set_postfix(loss=f"{loss.item():.3f}")
             notify(callbacks, "log", run.history[-1], segmenter=segmenter)

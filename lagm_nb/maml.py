@@ -12,13 +12,13 @@ import torch
 from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
-from .core import RunDir, default_device, fingerprint, load_state_dict_checked, step_seed
+from .core import FiniteGuard, RunDir, default_device, fingerprint, load_state_dict_checked, step_seed
 from .datasets import BatchSource, LabelledImages, resize_pair
 from .generators import FeatureGenerator
 from .gradmatch import segmentation_loss, select_parameters
 from .train import (
-    _RESTARTABLE, GMConfig, GMResult, annotate, evaluate_run, labelled_batch, make_optimizer, segmenter_step,
-    train_gradient_matching, update_annotator)
+    _RESTARTABLE, GMConfig, GMResult, annotate, check_labelled, evaluate_run, labelled_batch, make_optimizer,
+    segmenter_step, train_gradient_matching, update_annotator)
 
 # %% auto #0
 __all__ = ['MAML_PRESETS', 'MAMLConfig', 'simulated_sgd', 'maml_meta_loss', 'maml_annotator_step', 'train_maml', 'step_cost']
@@ -73,13 +73,14 @@ def maml_annotator_step(generator: FeatureGenerator, annotator: nn.Module, segme
     return loss.detach()
 
 # %% ../nbs/14_maml.ipynb #m5strt
-def _start_maml_run(generator, annotator, segmenter, labelled, cfg: MAMLConfig, out_dir, resume, overwrite, device):
+def _start_maml_run(generator, annotator, segmenter, labelled, source, cfg: MAMLConfig, out_dir, resume, overwrite,
+                    device):
     "The optimisers and run folder of a MAML run, networks and optimisers restored when resuming; the last step done."
     opt_a = make_optimizer(annotator.parameters(), cfg.annotator_optimizer, cfg.annotator_lr, cfg.annotator_momentum)
     opt_s = make_optimizer(segmenter.parameters(), "sgd", cfg.segmenter_lr, cfg.segmenter_momentum)
     data = {"generator": fingerprint(generator),
-            "labelled": "batch source" if callable(labelled) else fingerprint(labelled)}
-    run = RunDir(out_dir, "maml_run", {**cfg.to_dict(), **data}, _RESTARTABLE)
+            "labelled": "batch source" if callable(labelled) else fingerprint(labelled), "labelled_batches": source}
+    run = RunDir(out_dir, "maml_run", {**cfg.to_dict(), **data}, _RESTARTABLE, defaults={"labelled_batches": source})
     state = run.start(resume, overwrite, map_location=device)
     if not state: return run, opt_a, opt_s, 0
     for net, key in [(annotator, "annotator"), (segmenter, "segmenter")]:
@@ -95,9 +96,11 @@ def train_maml(generator: FeatureGenerator, annotator: nn.Module, segmenter: nn.
     "Algorithm 2 of the paper: learn `annotator` by K-step MAML while `segmenter` trains on its labels."
     cfg, device = config or MAMLConfig(), default_device(device)
     if not isinstance(cfg, MAMLConfig): raise TypeError(f"config must be a MAMLConfig, not {type(cfg).__name__}")
+    source = check_labelled(labelled, annotator, segmenter, val)
     generator.to(device); annotator.to(device); segmenter.to(device)
-    run, opt_a, opt_s, start = _start_maml_run(generator, annotator, segmenter, labelled, cfg, out_dir, resume,
+    run, opt_a, opt_s, start = _start_maml_run(generator, annotator, segmenter, labelled, source, cfg, out_dir, resume,
                                                overwrite, device)
+    guard = FiniteGuard(f"{cfg.inner_steps}-step MAML", start)
     elapsed0, t0 = max([r["time"] for r in run.history if "time" in r], default=0.0), time.perf_counter()
     bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, disable=not progress,
                desc=f"{cfg.inner_steps}-step MAML")
@@ -107,6 +110,9 @@ def train_maml(generator: FeatureGenerator, annotator: nn.Module, segmenter: nn.
         seg_loss = segmenter_step(generator, annotator, segmenter, opt_s, cfg, t) if t % cfg.segmenter_every == 0 \
             else None                                                                               # lines 11-13
         elapsed = elapsed0 + time.perf_counter() - t0
+        guard.watch(loss, seg_loss)
+        if t % cfg.log_every == 0 or t % cfg.checkpoint_every == 0 or t == cfg.steps:
+            guard.check(t, annotator=annotator, segmenter=segmenter)
         if t % cfg.log_every == 0 or t == cfg.steps:
             run.record({"step": t, "meta_loss": loss.item(), "seg_loss": None if seg_loss is None else seg_loss.item(),
                         "time": elapsed})

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from .core import Config, RunDir, default_device, fingerprint, load_state_dict_checked, step_seed
-from .datasets import LabelledImages, check_images
+from .core import Config, FiniteGuard, RunDir, default_device, fingerprint, load_state_dict_checked, step_seed
+from .datasets import LabelledImages, check_classes, check_images
 from .downstream import SegmenterRun, jitter_colours, keep_best, labelled_batches, supervised_loss
 from .metrics import evaluate_segmenter, scores
 from .stylegan2 import ema_update
@@ -113,6 +113,7 @@ def train_mean_teacher(segmenter: nn.Module, labelled: LabelledImages,
                        seed: int = 0, device=None, progress: bool = True) -> SegmenterRun:
     "Mean Teacher on `labelled` and `unlabelled` images; `segmenter` is the student, the teacher is returned."
     cfg, device = config or MeanTeacherConfig(), default_device(device)
+    check_classes(labelled=labelled, segmenter=segmenter, val=val)
     student = segmenter.to(device)
     teacher = copy.deepcopy(student).requires_grad_(False)
     batches = labelled_batches(labelled, cfg.batch_size, seed=seed, device=device)
@@ -125,8 +126,12 @@ def train_mean_teacher(segmenter: nn.Module, labelled: LabelledImages,
         load_state_dict_checked(teacher, state["teacher"], f"teacher in {run.checkpoints[0]}")
         opt.load_state_dict(state["optimizer"]); start, best = state["step"], tuple(state["best"])
     bar = tqdm(range(start + 1, steps + 1), initial=start, total=steps, disable=not progress, desc="mean teacher")
+    guard = FiniteGuard("mean teacher", start)
     for t in bar:
         losses = mean_teacher_step(student, teacher, opt, batches, unl, cfg, t, seed)
+        guard.watch(*losses.values())
+        if t % cfg.log_every == 0 or t % cfg.checkpoint_every == 0 or t == steps:
+            guard.check(t, student=student, teacher=teacher)
         if t % cfg.log_every == 0 or t == steps:
             logged = {k: v.item() for k, v in losses.items()}
             run.record({"step": t, **logged, "consistency_weight": consistency_weight(t - 1, cfg)})

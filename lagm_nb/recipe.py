@@ -12,14 +12,15 @@ import torch
 from torch import nn
 from .core import (default_device, fingerprint, load_checkpoint, load_state_dict_checked, save_checkpoint,
                           step_seed, write_text_atomic)
-from .datasets import LabelledImages
+from .datasets import LabelledImages, check_classes
 from .generators import FeatureGenerator
 from .gradmatch import select_parameters
 from .train import GMConfig, fit_annotator, train_gradient_matching
 from .downstream import labelled_batches, train_segmenter
 
 # %% auto #0
-__all__ = ['RECIPES', 'RecipeConfig', 'default_recipe', 'pseudo_labels', 'keep_pretrained', 'RecipeResult', 'learn_annotator']
+__all__ = ['RECIPES', 'RecipeConfig', 'default_recipe', 'recipe_name', 'pseudo_labels', 'keep_pretrained', 'RecipeResult',
+           'learn_annotator']
 
 # %% ../nbs/11_recipe.ipynb #11fa1210
 RECIPES: dict[str, dict] = {
@@ -52,6 +53,14 @@ def default_recipe(device) -> RecipeConfig:
     "The recipe `learn_annotator` uses when given none: `cpu` on a CPU, `paper` on an accelerator."
     return RecipeConfig.preset("cpu" if torch.device(device).type == "cpu" else "paper")
 
+def recipe_name(cfg: RecipeConfig) -> str:
+    "The preset that `cfg` is, or the nearest one and what differs from it: 'cpu', 'cpu with steps=20'."
+    def differ(name: str) -> dict:
+        preset = RecipeConfig.preset(name).to_dict()
+        return {k: v for k, v in cfg.to_dict().items() if preset.get(k) != v}
+    name = min(RECIPES, key=lambda n: len(differ(n)))
+    return name + "".join(f"{' with' if i == 0 else ','} {k}={v!r}" for i, (k, v) in enumerate(differ(name).items()))
+
 # %% ../nbs/11_recipe.ipynb #05ea228e
 @torch.no_grad()
 def pseudo_labels(generator: FeatureGenerator, segmenter: nn.Module, n_images: int, seed: int = 0,
@@ -82,6 +91,7 @@ class RecipeResult:
     history: list[dict]
     minutes: dict[str, float]
     config: RecipeConfig                 # the recipe that ran (the default one is device-dependent: see above)
+    recipe: str                          # and its name (`recipe_name`)
     match_dir: Path | None = None
 
 _STAGE_FIELDS = {"pretrain": ["pretrain_steps", "pretrain_batch_size", "pretrain_lr", "pretrain_keep", "seed"],
@@ -116,12 +126,18 @@ def learn_annotator(generator: FeatureGenerator, annotator: nn.Module, segmenter
                     device=None, progress: bool = True, callbacks: list = ()) -> RecipeResult:
     "Learn `annotator` from `labelled` with a recipe: pre-train `segmenter`, warm-start the annotator, then match."
     device = default_device(device)
+    check_classes(labelled=labelled, annotator=annotator, segmenter=segmenter, val=val)
     cfg = config or default_recipe(device)
+    name = recipe_name(cfg)
     if config is None:
-        print(f"learn_annotator: no recipe given, so the {device.type} default: {cfg.changes() or 'paper'}")
+        print(f"learn_annotator: no recipe given, so the {device.type} default, recipe {name!r}: "
+              f"{cfg.changes() or 'the paper settings'}")
     generator.to(device); annotator.to(device); segmenter.to(device)
     cache = Path(cache_dir) if cache_dir is not None else None
     key_pre, key_warm, key_match = _stage_keys(cfg, generator, labelled, val, annotator, segmenter)
+    if cache: write_text_atomic(cache / f"recipe-{key_match}.json", json.dumps(
+        {"recipe": name, "chosen": "by device" if config is None else "given", "device": device.type,
+         "config": cfg.to_dict()}, indent=1))
     warm_path = cache / f"warm-{key_warm}.pt" if cache else None
     if warm_path and warm_path.exists():    # stages 1 and 2 are done: their result is on disk
         ck = load_checkpoint(warm_path, "recipe_warm_start", map_location=device)
@@ -147,4 +163,4 @@ def learn_annotator(generator: FeatureGenerator, annotator: nn.Module, segmenter
                                   annotator_val=annotator_val, out_dir=match_dir, resume=match_dir is not None,
                                   device=device, progress=progress, callbacks=callbacks)
     minutes["match"] = max([r["time"] for r in res.history if "time" in r], default=0.0) / 60
-    return RecipeResult(res.annotator.eval(), res.segmenter, res.history, minutes, cfg, match_dir)
+    return RecipeResult(res.annotator.eval(), res.segmenter, res.history, minutes, cfg, name, match_dir)

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from .core import CheckpointError, load_state_dict_checked
+from .core import CheckpointError, load_error, load_state_dict_checked
 
 # %% auto #0
 __all__ = ['NOISE_MODES', 'bias_act', 'FullyConnectedLayer', 'fir_filter', 'upfirdn2d', 'upsample2d', 'conv2d_resample',
@@ -333,7 +333,7 @@ def load_official_state_dict(G: Generator | None, path_or_dict, source: str | No
         try: data = torch.load(path_or_dict, map_location="cpu", weights_only=True)
         except FileNotFoundError: raise CheckpointError(f"{source} does not exist") from None
         except Exception as e:
-            raise CheckpointError(f"{source} is not a plain torch state dict ({type(e).__name__}: {str(e)[:200]}). "
+            raise CheckpointError(f"{source} is not a plain torch state dict ({load_error(e)[:200]}). "
                                   "An official pickle must first be converted where NVIDIA's code is installed; "
                                   "see the stylegan2 notebook") from None
     else: data, source = path_or_dict, source or "state dict"

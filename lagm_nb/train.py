@@ -14,7 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from .core import (Config, FiniteGuard, RunDir, default_device, fingerprint, load_state_dict_checked,
                           mean_over_ranks, mean_over_ranks_, notify, step_seed, world)
-from .datasets import BatchSource, LabelledImages, check_classes, resize_pair
+from .datasets import BatchSource, LabelledImages, check_batch_source, check_classes, resize_pair
 from .generators import FeatureGenerator
 from .annotator import PixelMLPAnnotator
 from .gradmatch import GradientMatchingLoss, segmentation_loss
@@ -23,7 +23,7 @@ from .metrics import confusion_matrix, evaluate_segmenter, scores
 # %% auto #0
 __all__ = ['PRESETS', 'SEGMENTER_STATES', 'GMConfig', 'evaluate_annotator', 'rank_share', 'labelled_batch', 'generated_batch',
            'precision_context', 'annotate', 'update_annotator', 'annotator_step', 'segmenter_step',
-           'check_segmenter_state', 'update_segmenter', 'GMResult', 'make_optimizer', 'evaluate_run',
+           'check_segmenter_state', 'update_segmenter', 'GMResult', 'make_optimizer', 'evaluate_run', 'check_labelled',
            'train_gradient_matching', 'fit_annotator']
 
 # %% ../nbs/09_train.ipynb #2f4cb78e
@@ -196,6 +196,14 @@ def evaluate_run(generator, annotator, segmenter, config: GMConfig, val: Labelle
         r.update({f"annotator_{k}": v for k, v in scores(cm).items()})
     return r
 
+# %% ../nbs/09_train.ipynb #a1g0r014
+def check_labelled(labelled: LabelledImages | BatchSource, annotator: nn.Module, segmenter: nn.Module,
+                   val: LabelledImages | None = None) -> str | None:
+    "Refuse labelled data whose classes differ from the networks'; a batch source's fingerprint (None for a set)."
+    if callable(labelled): return check_batch_source(labelled, annotator=annotator, segmenter=segmenter, val=val)
+    check_classes(labelled=labelled, annotator=annotator, segmenter=segmenter, val=val)
+    return None
+
 # %% ../nbs/09_train.ipynb #f9bb6208
 _RESTARTABLE = {"steps", "eval_every", "checkpoint_every", "log_every"}  # may change between a run and its resume
 
@@ -215,17 +223,18 @@ def train_gradient_matching(generator: FeatureGenerator, annotator: nn.Module, s
     "Algorithm 1 of the paper: learn `annotator` by gradient matching while `segmenter` trains on its labels."
     cfg, device = config or GMConfig(), default_device(device)
     check_segmenter_state(cfg, segmenter)
-    check_classes(labelled=None if callable(labelled) else labelled, annotator=annotator, segmenter=segmenter, val=val)
+    source = check_labelled(labelled, annotator, segmenter, val)
     generator.to(device); annotator.to(device); segmenter.to(device)
     gm = GradientMatchingLoss(segmenter, cfg.match, cfg.convention)
     opt_a = make_optimizer(annotator.parameters(), cfg.annotator_optimizer, cfg.annotator_lr, cfg.annotator_momentum)
     opt_s = make_optimizer(segmenter.parameters(), "sgd", cfg.segmenter_lr, cfg.segmenter_momentum)
     data = {"generator": fingerprint(generator),
-            "labelled": "batch source" if callable(labelled) else fingerprint(labelled)}
-    run = RunDir(out_dir, "gm_run", {**cfg.to_dict(), **data}, _RESTARTABLE, defaults=type(cfg)().to_dict())
+            "labelled": "batch source" if callable(labelled) else fingerprint(labelled), "labelled_batches": source}
+    run = RunDir(out_dir, "gm_run", {**cfg.to_dict(), **data}, _RESTARTABLE,
+                 defaults={**type(cfg)().to_dict(), "labelled_batches": source})
     start = _resume(run.start(resume, overwrite, map_location=device), run, annotator, segmenter, opt_a, opt_s)
     elapsed0, t0 = max([r["time"] for r in run.history if "time" in r], default=0.0), time.perf_counter()
-    guard = FiniteGuard("gradient matching")
+    guard = FiniteGuard("gradient matching", start)
     bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, disable=not progress,
                desc="gradient matching")
     for t in bar:                                                                    # line 1
@@ -234,7 +243,8 @@ def train_gradient_matching(generator: FeatureGenerator, annotator: nn.Module, s
         seg_loss = update_segmenter(generator, annotator, segmenter, opt_s, cfg, t)                 # lines 8-12
         elapsed = elapsed0 + time.perf_counter() - t0
         guard.watch(loss, seg_loss)
-        if t % cfg.log_every == 0 or t % cfg.checkpoint_every == 0 or t == cfg.steps: guard.check(t)
+        if t % cfg.log_every == 0 or t % cfg.checkpoint_every == 0 or t == cfg.steps:
+            guard.check(t, annotator=annotator, segmenter=segmenter)
         if t % cfg.log_every == 0 or t == cfg.steps:
             run.record({"step": t, "gm_loss": loss.item(), "seg_loss": None if seg_loss is None else seg_loss.item(),
                         "time": elapsed})

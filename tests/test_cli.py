@@ -174,3 +174,47 @@ def test_learn_under_torchrun_runs_data_parallel_and_rank_0_writes(labelled):
     assert res.stdout.count("written to") == 1 and "rank 1: done" in res.stdout, res.stdout
     A = load_annotator(d / "ddp.pt", tiny_generator())
     assert A.info["config"]["steps"] == 3 and all(torch.isfinite(p).all() for p in A.state_dict().values())
+
+
+def test_refusing_to_overwrite_an_output_changes_nothing(labelled, capsys, unchanged):
+    d, folder = labelled
+    assert _learn(d, folder) == 0
+    assert _run("export", "--annotator", d / "a.pt", "--out", d / "data", "--n-images", 4, "--batch-size", 4) == 0
+    assert _run("train", "--data", d / "data", "--steps", 2, "--width", 4, "--out", d / "s.pt") == 0
+    capsys.readouterr()
+    for argv, out in [(["learn", "--generator", TINY, *folder, "--classes", "bg,a,b", "--out", d / "a.pt"], "a.pt"),
+                      (["train", "--data", d / "data", "--steps", 2, "--out", d / "s.pt"], "s.pt")]:
+        with unchanged(d):
+            assert _run(*argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"{out} exists; pass --overwrite to replace it, or another --out" in err[0], err
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:99", "mps", "gpu", ""])
+def test_a_device_that_is_not_here_is_one_line_with_exit_code_2(labelled, capsys, monkeypatch, device):
+    if device == "cuda" and torch.cuda.is_available(): pytest.skip("this machine has CUDA")
+    if device == "mps" and torch.backends.mps.is_available(): pytest.skip("this machine has MPS")
+    d, folder = labelled
+    monkeypatch.setenv("LAGM_DEVICE", device)
+    assert _learn(d, folder) == 2                                  # a RuntimeError (or ValueError), not a traceback
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("lagm learn: error: LAGM_DEVICE") and not (d / "a.pt").exists(), err
+
+
+def test_a_run_that_goes_nan_is_one_line_with_exit_code_2(labelled, capsys):
+    d, folder = labelled
+    assert _learn(d, folder) == 0
+    assert _run("export", "--annotator", d / "a.pt", "--out", d / "data", "--n-images", 4, "--batch-size", 4) == 0
+    capsys.readouterr()
+    assert _run("train", "--data", d / "data", "--steps", 3, "--width", 4, "--lr", "1e30", "--out", d / "s.pt") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "lagm train: error: segmenter: a loss became NaN or infinite" in err[0], err
+    assert not (d / "s.pt").exists()
+
+
+@pytest.mark.parametrize("command, words", [("train", ["--data", "--steps", "--work-dir", "--soft", "--out"]),
+                                            ("evaluate", ["--segmenter", "--images", "--masks", "--csv", "--size"])])
+def test_help_of_train_and_evaluate(command, words, capsys):
+    assert main([command, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: lagm {command}") and all(w in out for w in words), out

@@ -52,3 +52,73 @@ def test_finite_guard_reports_the_window():
     g.watch(torch.tensor([1.0, 2.0])); g.check(10)
     g.watch(torch.tensor(float("inf")))
     with pytest.raises(FloatingPointError, match="run: a loss became NaN or infinite between steps 11 and 12"): g.check(12)
+
+
+def _toy_run(d, steps, resume=False, lr=0.1, **kw):
+    "A run of a counter through RunDir: a checkpoint every step."
+    from lagm_nb.core import RunDir
+    run = RunDir(d, "toy", {"lr": lr}, restartable={"steps"})
+    state = run.start(resume, **kw)
+    x = state["x"] if state else 0.0
+    for t in range((state or {"step": 0})["step"] + 1, steps + 1):
+        x += lr; run.record({"step": t, "x": x}); run.save({"step": t, "x": x})
+    return x, run
+
+
+def test_unreadable_checkpoint_names_the_file_and_never_suggests_weights_only_false(tmp_path):
+    (tmp_path / "bad.pt").write_bytes(b"damaged")                     # torch's own message says: weights_only=False
+    with pytest.raises(CheckpointError, match=r"bad.pt is corrupt or not a torch file \(UnpicklingError\)") as err:
+        load_checkpoint(tmp_path / "bad.pt", "run")
+    assert "weights_only" not in str(err.value) and err.value.__cause__ is None
+    torch.save({"x": print}, tmp_path / "pickle.pt")                  # loadable only by unpickling a function
+    with pytest.raises(CheckpointError) as err: load_checkpoint(tmp_path / "pickle.pt", "run")
+    assert "weights_only" not in str(err.value) and "UnpicklingError" in str(err.value)
+
+
+def test_damaged_checkpoint_falls_back_and_keeps_the_previous_one(tmp_path, snapshot):
+    _toy_run(tmp_path, 3)
+    (tmp_path / "checkpoint.pt").write_bytes(b"damaged")
+    good = snapshot(tmp_path)["checkpoint.prev.pt"]
+    with pytest.warns(UserWarning, match="previous checkpoint") as warned:
+        x, run = _toy_run(tmp_path, 3, resume=True)                    # step 3 is redone from step 2 and saved
+    message = str(warned[0].message)
+    assert "weights_only" not in message and "checkpoint.damaged.pt" in message and "delete it and start" not in message
+    files = snapshot(tmp_path)
+    assert files["checkpoint.prev.pt"] == good and files["checkpoint.damaged.pt"] == b"damaged"   # nothing lost
+    assert abs(x - 0.3) < 1e-12 and [r["step"] for r in run.history] == [1, 2, 3]
+    assert load_checkpoint(tmp_path / "checkpoint.pt", "toy")["step"] == 3
+
+
+def test_refused_starts_change_no_file_of_the_run(tmp_path, unchanged):
+    _toy_run(tmp_path, 3)
+    with unchanged(tmp_path), pytest.raises(FileExistsError, match="resume=True to continue it, overwrite=True"):
+        _toy_run(tmp_path, 3)                                           # resume=False over a run
+    with unchanged(tmp_path), pytest.raises(CheckpointError, match=r"other settings .*'lr': \(0.1, 0.2\)"):
+        _toy_run(tmp_path, 3, resume=True, lr=0.2)
+    (tmp_path / "checkpoint.pt").write_bytes(b"damaged")
+    with unchanged(tmp_path), pytest.raises(CheckpointError, match=r"other settings"):
+        _toy_run(tmp_path, 3, resume=True, lr=0.2)                     # refused after the fallback: nothing moved
+
+
+def test_every_restart_from_scratch_keeps_the_old_log(tmp_path, capsys):
+    for n in range(3):
+        (tmp_path / "log.jsonl").write_text(f'{{"step": {n}}}\n')     # a log, but no checkpoint to resume
+        _toy_run(tmp_path / ".", 1, resume=True)
+        (tmp_path / "checkpoint.pt").unlink()
+    kept = {p.name: p.read_text() for p in tmp_path.glob("log.before-restart*.jsonl")}
+    assert kept == {"log.before-restart.jsonl": '{"step": 0}\n', "log.before-restart.2.jsonl": '{"step": 1}\n',
+                    "log.before-restart.3.jsonl": '{"step": 2}\n'}
+    assert "old log kept as log.before-restart.3.jsonl" in capsys.readouterr().out
+
+
+def test_finite_guard_sees_a_nan_weight_behind_finite_losses():
+    from lagm_nb.core import FiniteGuard, nonfinite_tensors
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    g = FiniteGuard("run")
+    g.watch(torch.tensor(1.0)); g.check(5, net=net)
+    with torch.no_grad(): net[0].weight[0, 0] = float("nan"); net[1].running_var[0] = float("inf")
+    assert nonfinite_tensors(net) == ["0.weight", "1.running_var"]
+    g.watch(torch.tensor(1.0))
+    with pytest.raises(FloatingPointError, match=r"run: the net's 0.weight \(and 1 more\) became NaN or infinite "
+                                                 r"between steps 6 and 8 while the losses stayed finite"):
+        g.check(8, net=net)

@@ -152,3 +152,42 @@ def test_channel_last_and_other_channel_counts_are_explained():
         LabelledImages(torch.cat([x, x[:, :1]], 1), y, 4)
     with pytest.raises(ValueError, match="2 class_names for n_classes=4"):
         LabelledImages(x, y, 4, class_names=["a", "b"])
+
+
+def test_nan_and_inf_in_float_masks_are_refused_naming_the_sample():
+    x, y = _data()
+    masks = y.float()
+    masks[2, 3, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"sample 2 \(c\) has NaN or infinite mask values \(1 such masks, indices "
+                                         r"\[2\]\); masks hold class indices") as err:
+        LabelledImages(x, masks, 4, names=list("abc"))
+    assert "outside" not in str(err.value) and "-9223372036854775808" not in str(err.value)
+    masks[2, 3, 3], masks[0, 0, 0] = 1, -float("inf")
+    with pytest.raises(ValueError, match=r"sample 0 has NaN or infinite mask values"): LabelledImages(x, masks, 4)
+    masks, expected = y.float(), y.clone()
+    masks[0, 0, 0] = expected[0, 0, 0] = 255                       # whole-number float masks are read as indices
+    assert torch.equal(LabelledImages(x, masks, 4).masks, expected)
+
+
+def test_unlabelled_images_with_nan_are_refused_naming_the_image():
+    from lagm_nb.datasets import check_images
+    x, _ = _data()
+    x[2, 0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"unlabelled: image 2 has NaN or infinite values \(1 such images\)"):
+        check_images(x, "unlabelled")
+
+
+def test_batch_source_classes_are_checked_on_the_first_batch():
+    from lagm_nb.datasets import check_batch_source
+    class Net(torch.nn.Module):
+        def __init__(self, n): super().__init__(); self.n_classes = n
+    x, y = _data()
+    hard = lambda step: (x, y.clamp(max=2))                        # labels 0, 1, 2 (and 255 is ignored)
+    assert check_batch_source(hard, annotator=Net(3), segmenter=Net(3)).startswith("first batch ")
+    assert check_batch_source(hard, annotator=Net(4), segmenter=Net(4))      # hard labels: a lower bound only
+    with pytest.raises(ValueError, match=r"first batch of the batch source has labels from 0 to 2 \(at least 3 "
+                                         r"classes\), the annotator 2, the segmenter 2; build the networks"):
+        check_batch_source(hard, annotator=Net(2), segmenter=Net(2))
+    soft = lambda step: (x, torch.rand(3, 5, 8, 8).softmax(1))
+    with pytest.raises(ValueError, match="soft labels of 5 channels, the annotator 3, the segmenter 3"):
+        check_batch_source(soft, annotator=Net(3), segmenter=Net(3))

@@ -74,3 +74,58 @@ def test_class_counts_must_agree():
     data = LabelledImages(torch.rand(4, 3, 16, 16) * 2 - 1, torch.randint(0, 3, (4, 16, 16)), 3)
     with pytest.raises(ValueError, match="the segmenter 5, the val 3"):
         train_segmenter(UNet(5, width=4), labelled_batches(data), 2, val=data, progress=False)
+
+
+def _finished_run(tmp_path, data):
+    "The folder of a finished 2-step segmenter run on `labelled_batches(data, 2)`, checkpointed at step 2."
+    torch.manual_seed(0)
+    train_segmenter(UNet(3, width=4), labelled_batches(data, 2), 2, checkpoint_every=2, out_dir=tmp_path / "run",
+                    progress=False)
+    return tmp_path / "run"
+
+
+def _data():
+    return LabelledImages(torch.rand(4, 3, 16, 16) * 2 - 1, torch.randint(0, 3, (4, 16, 16)), 3)
+
+
+def test_refused_calls_leave_an_existing_run_as_it_was(tmp_path, unchanged):
+    from lagm_nb.core import CheckpointError
+    data = _data()
+    run = _finished_run(tmp_path, data)
+    twos = lambda t: (data.images[:2], torch.full_like(data.masks[:2], 2))
+    cases = [  # (segmenter classes, batches, train_segmenter keywords, error, message)
+        (3, labelled_batches(data, 2), {"resume": False}, FileExistsError, "already holds a run"),
+        (3, labelled_batches(data, 2), {"lr": 1e-2}, CheckpointError, r"other settings .*'lr'"),
+        (3, labelled_batches(data.subset([0, 1]), 2), {}, CheckpointError, r"other settings .*'batches'"),
+        (3, lambda t: (data.images[:2], data.masks[:2]), {}, CheckpointError, r"other settings .*'batches'"),
+        (5, labelled_batches(data, 2), {}, ValueError, "class counts differ: the labels 3, the segmenter 5"),
+        (2, twos, {}, ValueError, r"labels from 2 to 2 \(at least 3 classes\), the segmenter 2; build the networks"),
+    ]
+    for n, batches, kw, error, message in cases:
+        with unchanged(run), pytest.raises(error, match=message):
+            train_segmenter(UNet(n, width=4), batches, 4, checkpoint_every=2, out_dir=run,
+                            **{"resume": True, **kw}, progress=False)
+    # the same data under another batch size is other batches; `data=` names the batches instead of their fingerprint
+    with unchanged(run), pytest.raises(CheckpointError, match="'batches'"):
+        train_segmenter(UNet(3, width=4), labelled_batches(data, 3), 4, out_dir=run, resume=True, progress=False)
+
+
+def test_resume_with_the_same_batches_continues(tmp_path):
+    data = _data()
+    run = _finished_run(tmp_path, data)
+    res = train_segmenter(UNet(3, width=4), labelled_batches(data, 2), 4, checkpoint_every=2, out_dir=run,
+                          resume=True, progress=False)
+    assert res.history[-1]["step"] == 4
+
+
+def test_a_nan_gradient_stops_the_run_before_its_checkpoint(tmp_path, unchanged):
+    data = _data()
+    run = _finished_run(tmp_path, data)
+    S, calls = UNet(3, width=4), []
+    def poison(g):      # the gradient of the step after the resumed one (step 4, a checkpoint step) is NaN
+        calls.append(1)
+        return g * float("nan") if len(calls) == 2 else g
+    next(S.parameters()).register_hook(poison)
+    with unchanged(run), pytest.raises(FloatingPointError, match=r"segmenter: the segmenter's \S+ became NaN or "
+                                       r"infinite between steps 3 and 4 while the losses stayed finite"):
+        train_segmenter(S, labelled_batches(data, 2), 6, checkpoint_every=2, out_dir=run, resume=True, progress=False)

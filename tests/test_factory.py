@@ -184,21 +184,23 @@ def test_export_killed_with_sigkill_resumes_to_identical_files(tmp_path):
     _assert_same_export(tmp_path / "straight", out)
 
 
-def test_appending_to_another_export_is_refused(tmp_path):
+def test_appending_to_another_export_is_refused(tmp_path, unchanged):
     G = tiny_generator()
     A = _annotator(G)
     out = export_dataset(G, A, tmp_path / "d", 3, **EXPORT)
-    with pytest.raises(ValueError, match=r"another generator \(weights: \w+ \(recorded\) vs \w+ \(given\)"):
+    with unchanged(out), pytest.raises(ValueError, match=r"another generator \(weights: \w+ \(recorded\) vs \w+ "
+                                                         r"\(given\)"):
         export_dataset(tiny_generator(seed=1), A, out, 6, **EXPORT)
-    with pytest.raises(ValueError, match=r"another annotator \(FPNAnnotator (\w+) \(recorded\) vs FPNAnnotator "
-                                         r"(?!\1)\w+ \(given\)\)"):
+    with unchanged(out), pytest.raises(ValueError, match=r"another annotator \(FPNAnnotator (\w+) \(recorded\) vs "
+                                                         r"FPNAnnotator (?!\1)\w+ \(given\)\)"):
         export_dataset(G, _annotator(G, seed=1), out, 6, **EXPORT)
-    with pytest.raises(ValueError, match=r"seed \(3 \(recorded\) vs 4 \(given\)\)"):
+    with unchanged(out), pytest.raises(ValueError, match=r"seed \(3 \(recorded\) vs 4 \(given\)\)"):
         export_dataset(G, A, out, 6, **{**EXPORT, "seed": 4})
-    with pytest.raises(ValueError, match=r"batch_size \(4 \(recorded\) vs 8"):
+    with unchanged(out), pytest.raises(ValueError, match=r"batch_size \(4 \(recorded\) vs 8"):
         export_dataset(G, A, out, 6, **{**EXPORT, "batch_size": 8})
     (tmp_path / "other").mkdir(); (tmp_path / "other" / "notes.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="holds no manifest.json"): export_dataset(G, A, tmp_path / "other", 2)
+    with unchanged(tmp_path / "other"), pytest.raises(FileExistsError, match="holds no manifest.json"):
+        export_dataset(G, A, tmp_path / "other", 2)
     assert read_export_manifest(out)["n_complete"] == 3
 
 

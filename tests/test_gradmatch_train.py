@@ -177,3 +177,78 @@ def test_bf16_matching_loss_stays_within_5_percent_of_fp32(setup):
     assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.05)
     with pytest.raises(ValueError, match="precision must be"):
         annotator_step(gm, G, A, opt, lab, GMConfig(precision="fp16"), 1, "cpu")
+
+
+def _finished(G, lab, tmp_path, labelled=None):
+    "The folder of a finished 2-step gradient-matching run, checkpointed at step 2."
+    train_gradient_matching(G, *_nets(G), lab if labelled is None else labelled, GMConfig(steps=2, checkpoint_every=2),
+                            out_dir=tmp_path / "run", progress=False)
+    return tmp_path / "run"
+
+
+def test_refused_resumes_leave_the_run_as_it_was(setup, tmp_path, unchanged):
+    G, lab = setup
+    run = _finished(G, lab, tmp_path)
+    cfg = GMConfig(steps=4, checkpoint_every=2)
+    cases = [  # (generator, labelled, config, resume, error, message)
+        (G, lab, cfg, False, FileExistsError, "already holds a run"),
+        (G, lab, cfg.replace(annotator_lr=0.1), True, CheckpointError, r"other settings .*'annotator_lr'"),
+        (G, lab.subset([0, 1, 2]), cfg, True, CheckpointError, r"other settings .*'labelled'"),
+        (tiny_generator(seed=1), lab, cfg, True, CheckpointError, r"other settings .*'generator'"),
+    ]
+    for generator, labelled, config, resume, error, message in cases:
+        with unchanged(run), pytest.raises(error, match=message):
+            train_gradient_matching(generator, *_nets(G), labelled, config, out_dir=run, resume=resume, progress=False)
+
+
+def test_resume_with_other_batches_is_refused(setup, tmp_path, unchanged):
+    G, lab = setup
+    run = _finished(G, lab, tmp_path, labelled=lambda t: (lab.images[:2], lab.masks[:2]))
+    with unchanged(run), pytest.raises(CheckpointError, match=r"other settings .*'labelled_batches'"):
+        train_gradient_matching(G, *_nets(G), lambda t: (lab.images[2:4], lab.masks[2:4]), GMConfig(steps=4),
+                                out_dir=run, resume=True, progress=False)
+    res = train_gradient_matching(G, *_nets(G), lambda t: (lab.images[:2], lab.masks[:2]), GMConfig(steps=3),
+                                  out_dir=run, resume=True, progress=False)    # the same batches: it continues
+    assert res.history[-1]["step"] == 3
+
+
+def test_class_counts_are_checked_before_anything_runs(setup, tmp_path, unchanged):
+    G, lab = setup
+    run = _finished(G, lab, tmp_path)
+    nets = lambda a, s: (FPNAnnotator(G.feature_shapes, a, G.image_size, width=8), UNet(s, width=4))
+    twos = lambda t: (lab.images[:2], torch.full_like(lab.masks[:2], 2))
+    cases = [  # annotator 5 / segmenter 5 / labels of 3 used to run; 2 / 2 / 3 used to end in torch's IndexError
+        (nets(5, 5), lab, "class counts differ: the labelled 3, the annotator 5, the segmenter 5; build them"),
+        (nets(2, 2), lab, "the labelled 3, the annotator 2, the segmenter 2"),
+        (nets(2, 2), twos, r"the first batch of the batch source has labels from 2 to 2 \(at least 3 classes\), "
+                           "the annotator 2, the segmenter 2; build the networks"),
+    ]
+    for (A, S), labelled, message in cases:
+        with unchanged(run), pytest.raises(ValueError, match=message):
+            train_gradient_matching(G, A, S, labelled, GMConfig(steps=4), out_dir=run, resume=True, progress=False)
+
+
+def test_a_nan_gradient_stops_the_run_before_its_checkpoint(setup, tmp_path, unchanged):
+    G, lab = setup
+    run = _finished(G, lab, tmp_path)
+    A, S = _nets(G)
+    calls = []
+    def poison(p):      # the segmenter's own update at step 4 (a checkpoint step) gets a NaN gradient
+        calls.append(1)
+        if len(calls) == 2: p.grad.mul_(float("nan"))
+    S.outc.conv.weight.register_post_accumulate_grad_hook(poison)
+    with unchanged(run), pytest.raises(FloatingPointError, match=r"gradient matching: the segmenter's outc.conv.weight "
+                                       "became NaN or infinite between steps 3 and 4 while the losses stayed finite"):
+        train_gradient_matching(G, A, S, lab, GMConfig(steps=6, checkpoint_every=2), out_dir=run, resume=True,
+                                progress=False)
+
+
+def test_a_nan_gradient_entry_under_a_finite_matching_loss_is_still_zeroed(setup):
+    from lagm_nb.train import update_annotator
+    G, _ = setup
+    A, _ = _nets(G)
+    before = [p.detach().clone() for p in A.parameters()]
+    loss = (A.head[-1].weight * 0).abs().sqrt().sum()          # 0, with the gradient 0/0 = NaN
+    assert loss.item() == 0 and torch.isnan(torch.autograd.grad(loss, A.head[-1].weight, retain_graph=True)[0]).all()
+    update_annotator(loss, A, torch.optim.SGD(A.parameters(), lr=0.1, momentum=0.9))
+    assert all(torch.equal(a, b) for a, b in zip(before, A.parameters()))

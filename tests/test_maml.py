@@ -159,3 +159,28 @@ def test_step_cost(G, lab):
     r = step_cost("maml", G, *_nets(G), lab, MAMLConfig(inner_steps=1), warmup=1, steps=1, device="cpu")
     assert r["seconds_per_step"] > 0 and r["peak_memory_mib"] >= 0 and r["memory"] == "process peak RSS growth"
     with pytest.raises(ValueError, match="kind"): step_cost("dc", G, *_nets(G), lab, GMConfig())
+
+
+def test_refused_calls_and_a_nan_stop_leave_the_run_as_it_was(G, lab, tmp_path, unchanged):
+    run = tmp_path / "run"
+    train_maml(G, *_nets(G), lab, MAMLConfig(steps=2, checkpoint_every=2), out_dir=run, progress=False)
+    cfg = MAMLConfig(steps=4, checkpoint_every=2)
+    nets = lambda a, s: (FPNAnnotator(G.feature_shapes, a, G.image_size, width=8), UNet(s, width=4))
+    twos = lambda t: (lab.images[:2], torch.full_like(lab.masks[:2], 2))
+    cases = [  # (networks, labelled, error, message)
+        (nets(5, 5), lab, ValueError, "class counts differ: the labelled 3, the annotator 5, the segmenter 5"),
+        (nets(2, 2), twos, ValueError, r"labels from 2 to 2 \(at least 3 classes\), the annotator 2, the segmenter 2"),
+        (_nets(G), lambda t: (lab.images[:2], lab.masks[:2]), CheckpointError, r"other settings .*'labelled'"),
+    ]
+    for networks, labelled, error, message in cases:
+        with unchanged(run), pytest.raises(error, match=message):
+            train_maml(G, *networks, labelled, cfg, out_dir=run, resume=True, progress=False)
+    A, S = _nets(G)
+    calls = []
+    def poison(p):      # the segmenter's own update at step 4 (a checkpoint step) gets a NaN gradient
+        calls.append(1)
+        if len(calls) == 2: p.grad.mul_(float("nan"))
+    S.outc.conv.weight.register_post_accumulate_grad_hook(poison)
+    with unchanged(run), pytest.raises(FloatingPointError, match=r"1-step MAML: the segmenter's outc.conv.weight "
+                                       "became NaN or infinite between steps 3 and 4"):
+        train_maml(G, A, S, lab, cfg.replace(steps=6), out_dir=run, resume=True, progress=False)

@@ -112,3 +112,22 @@ def test_bad_unlabelled_images_raise_clear_errors(data):
     with pytest.raises(ValueError, match=r"\[0, 1\] data"): go((pool + 1) / 2)
     with pytest.raises(ValueError, match="channel-last"): go(pool.permute(0, 2, 3, 1))
     with pytest.raises(ValueError, match="unlabelled batch of step 1.*16x16"): go(lambda t: pool[:2, :, :16, :16])
+
+
+def test_refused_calls_and_a_nan_stop_leave_the_run_as_it_was(data, tmp_path, unchanged):
+    labelled, unlabelled = data
+    run, cfg = tmp_path / "run", CFG.replace(checkpoint_every=2)
+    train_mean_teacher(_fresh(), labelled, unlabelled, 2, config=cfg, out_dir=run, progress=False)
+    with unchanged(run), pytest.raises(ValueError, match="class counts differ: the labelled 3, the segmenter 5"):
+        train_mean_teacher(UNet(5, width=4), labelled, unlabelled, 4, config=cfg, out_dir=run, resume=True,
+                           progress=False)
+    with unchanged(run), pytest.raises(FileExistsError, match="already holds a run"):
+        train_mean_teacher(_fresh(), labelled, unlabelled, 4, config=cfg, out_dir=run, progress=False)
+    student, calls = _fresh(), []
+    def poison(g):      # the student's gradient at step 3, the first after the checkpoint, is NaN
+        calls.append(1)
+        return g * float("nan") if len(calls) == 1 else g
+    next(student.parameters()).register_hook(poison)
+    with unchanged(run), pytest.raises(FloatingPointError, match=r"mean teacher: the student's \S+ became NaN or "
+                                       "infinite between steps 3 and 3 while the losses stayed finite"):
+        train_mean_teacher(student, labelled, unlabelled, 6, config=cfg, out_dir=run, resume=True, progress=False)

@@ -63,7 +63,7 @@ def test_learn_annotator_reuses_cached_stages(tmp_path):
     first = learn_annotator(G, A, S, data.subset(range(4)), cfg, cache_dir=tmp_path, progress=False)
     assert not torch.equal(w0, first.annotator.head[-1].weight)
     names = sorted(p.name.split("-")[0] for p in tmp_path.iterdir())
-    assert names == ["match", "pretrain", "warm"]
+    assert names == ["match", "pretrain", "recipe", "warm"]
     _, _, A2, S2 = _setup()
     again = learn_annotator(G, A2, S2, data.subset(range(4)), cfg, cache_dir=tmp_path, progress=False)
     assert again.minutes == first.minutes
@@ -101,3 +101,37 @@ def test_learn_annotator_runs_without_a_cache_dir():
     w0 = S.outc.conv.weight.detach().clone()
     res = learn_annotator(G, A, S, data.subset(range(4)), cfg, progress=False)
     assert res.match_dir is None and not torch.equal(w0, res.segmenter.outc.conv.weight)
+
+
+SMALL = dict(pretrain_steps=2, warm_start_images=4, warm_start_steps=2, steps=2, seed=1)
+
+
+def test_class_counts_are_checked_before_any_stage(tmp_path, unchanged):
+    G, data, A, S = _setup()
+    labelled = data.subset(range(4))
+    learn_annotator(G, A, S, labelled, RecipeConfig.preset("cpu", **SMALL), cache_dir=tmp_path, progress=False)
+    nets = lambda a, s: (FPNAnnotator(G.feature_shapes, a, G.image_size, width=8), UNet(s, width=4))
+    for name in ["cpu", "paper", "pseudo_label"]:      # cpu matched augmented batches; paper failed after its stages
+        for a, s in [(5, 5), (2, 2), (3, 5)]:
+            with unchanged(tmp_path), pytest.raises(ValueError, match=f"class counts differ: the labelled 3, the "
+                                                                      f"annotator {a}, the segmenter {s}; build them"):
+                learn_annotator(G, *nets(a, s), labelled, RecipeConfig.preset(name, **SMALL), cache_dir=tmp_path,
+                                progress=False)
+
+
+def test_without_a_config_the_device_default_is_named_printed_and_recorded(tmp_path, monkeypatch, capsys):
+    import json
+    from lagm_nb.recipe import recipe_name
+    monkeypatch.setitem(RECIPES, "cpu", {**RECIPES["cpu"], **SMALL})    # the cpu recipe, made small for a test
+    G, data, A, S = _setup()
+    res = learn_annotator(G, A, S, data.subset(range(4)), None, cache_dir=tmp_path, device="cpu", progress=False)
+    assert res.recipe == "cpu" and res.config == RecipeConfig.preset("cpu")
+    assert "no recipe given, so the cpu default, recipe 'cpu'" in capsys.readouterr().out
+    [record] = tmp_path.glob("recipe-*.json")
+    assert json.loads(record.read_text())["recipe"] == "cpu" and json.loads(record.read_text())["chosen"] == "by device"
+    assert record.name.removeprefix("recipe-").removesuffix(".json") == res.match_dir.name.removeprefix("match-")
+    assert recipe_name(default_recipe("cuda")) == "paper"
+    given = learn_annotator(G, *_setup()[2:], data.subset(range(4)),
+                            RecipeConfig.preset("cpu", **{**SMALL, "steps": 3}),
+                            device="cpu", progress=False)
+    assert given.recipe == "cpu with steps=3" and capsys.readouterr().out == ""
