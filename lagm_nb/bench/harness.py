@@ -29,12 +29,12 @@ from ..downstream import labelled_batches, synthetic_batches, train_segmenter
 from ..metrics import evaluate_segmenter, scores
 
 # %% auto #0
-__all__ = ['STAGE_VERSIONS', 'SMOKE', 'PROFILES', 'MONITORING', 'RESULT_COLUMNS', 'draw_indices', 'draw_labelled', 'StoreEntry',
-           'ResultStore', 'RowSettings', 'ProfileConfig', 'ExperimentConfig', 'Benchmark', 'annotator_recipe',
-           'segmenter_spec', 'build_row_segmenter', 'learned_annotator', 'datasetgan_annotator', 'maml_annotator',
-           'inverted_annotator', 'load_annotator', 'load_segmenter', 'supervised_segmenter', 'oracle_segmenter',
-           'mean_teacher_segmenter', 'downstream_segmenter', 'segmenter_scores', 'annotator_scores', 'parse_method',
-           'row_annotator', 'run_row', 'mean_std', 'summarize', 'results_frame', 'annotator_study',
+__all__ = ['STAGE_VERSIONS', 'SMOKE', 'FULL', 'PROFILES', 'MONITORING', 'RESULT_COLUMNS', 'draw_indices', 'draw_labelled',
+           'StoreEntry', 'ResultStore', 'RowSettings', 'ProfileConfig', 'ExperimentConfig', 'Benchmark',
+           'annotator_recipe', 'segmenter_spec', 'build_row_segmenter', 'learned_annotator', 'datasetgan_annotator',
+           'maml_annotator', 'inverted_annotator', 'load_annotator', 'load_segmenter', 'supervised_segmenter',
+           'oracle_segmenter', 'mean_teacher_segmenter', 'downstream_segmenter', 'segmenter_scores', 'annotator_scores',
+           'parse_method', 'row_annotator', 'run_row', 'mean_std', 'summarize', 'results_frame', 'annotator_study',
            'seconds_per_gm_step', 'seconds_per_segmenter_step', 'paper_scale_networks', 'benchmark_step', 'fit_memory',
            'available_memory_bytes', 'in_subprocess', 'pixel_feature_bytes', 'draw_latents', 'annotator_labels',
            'label_frames', 'frame_scores', 'with_generated_source', 'recipe_step_seconds', 'method_results',
@@ -160,6 +160,7 @@ class RowSettings(Config):
 SMOKE = dict(width=4, annotator_width=8, gm_steps=3, datasetgan_steps=3, segmenter_steps=3, supervised_steps=3,
              oracle_steps=3, n_synthetic=16, inversion_steps=3, inversion_fit_steps=3, n_unlabelled=16, smoke=True,
              n_val=8, n_test=8)
+FULL = dict(inversion_restarts=3)    # the inversion baseline at its strongest: the best of 3 starts per image
 PROFILES = ("smoke", "default", "full")
 
 # %% ../../nbs/bench/00_harness.ipynb #4a7e0016
@@ -187,7 +188,7 @@ class ExperimentConfig(ProfileConfig, RowSettings):
     "A benchmark experiment's settings: `RowSettings`, validation and test sizes, and its own fields."
     n_val: int | None = None          # validation images per source (None: the benchmark's whole split)
     n_test: int | None = None         # test images (None: the whole split)
-    base_profiles: ClassVar[dict[str, dict]] = {"smoke": SMOKE}
+    base_profiles: ClassVar[dict[str, dict]] = {"smoke": SMOKE, "full": FULL}
 
     def row_settings(self) -> RowSettings:
         "The `RowSettings` part of these settings (what a run in a fresh process needs)."

@@ -408,7 +408,7 @@ def toyfaces_benchmark(gan_dir: str | Path | None = None, pool_size: int = 1000,
 # %% ../../nbs/bench/03_toyfaces.ipynb #70bf0006
 import dataclasses
 from typing import ClassVar
-from .harness import SMOKE, ExperimentConfig
+from .harness import FULL, SMOKE, ExperimentConfig
 
 @dataclasses.dataclass
 class ToyFacesExperiment(ExperimentConfig):
