@@ -846,6 +846,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'lagm_nb.train.make_optimizer': ('train.html#make_optimizer', 'lagm_nb/train.py'),
                                'lagm_nb.train.precision_context': ('train.html#precision_context', 'lagm_nb/train.py'),
                                'lagm_nb.train.rank_share': ('train.html#rank_share', 'lagm_nb/train.py'),
+                               'lagm_nb.train.run_settings': ('train.html#run_settings', 'lagm_nb/train.py'),
                                'lagm_nb.train.segmenter_step': ('train.html#segmenter_step', 'lagm_nb/train.py'),
                                'lagm_nb.train.train_gradient_matching': ('train.html#train_gradient_matching', 'lagm_nb/train.py'),
                                'lagm_nb.train.update_annotator': ('train.html#update_annotator', 'lagm_nb/train.py'),

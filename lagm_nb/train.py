@@ -24,7 +24,7 @@ from .metrics import confusion_matrix, evaluate_segmenter, scores
 __all__ = ['PRESETS', 'SEGMENTER_STATES', 'GMConfig', 'evaluate_annotator', 'rank_share', 'labelled_batch', 'generated_batch',
            'precision_context', 'annotate', 'update_annotator', 'annotator_step', 'segmenter_step',
            'check_segmenter_state', 'update_segmenter', 'GMResult', 'make_optimizer', 'evaluate_run', 'check_labelled',
-           'train_gradient_matching', 'fit_annotator']
+           'run_settings', 'train_gradient_matching', 'fit_annotator']
 
 # %% ../nbs/09_train.ipynb #2f4cb78e
 PRESETS: dict[str, dict] = {"paper": {}}
@@ -204,8 +204,14 @@ def check_labelled(labelled: LabelledImages | BatchSource, annotator: nn.Module,
     check_classes(labelled=labelled, annotator=annotator, segmenter=segmenter, val=val)
     return None
 
-# %% ../nbs/09_train.ipynb #f9bb6208
-_RESTARTABLE = {"steps", "eval_every", "checkpoint_every", "log_every"}  # may change between a run and its resume
+# %% ../nbs/09_train.ipynb #a1g0r017
+_RESTARTABLE = {"steps", "eval_every", "checkpoint_every", "log_every", "world_size"}  # may change at a resume
+
+def run_settings(cfg: GMConfig, data: dict) -> dict:
+    "The settings a run records and its resume must keep: `cfg`'s, the batch sizes of all ranks together, `data`."
+    ranks = world()[1]
+    return {**cfg.to_dict(), **data, "batch_size": cfg.batch_size * ranks,
+            "labelled_batch_size": cfg.labelled_batch_size * ranks, "world_size": ranks}
 
 def _resume(state: dict | None, run: RunDir, annotator, segmenter, opt_a, opt_s) -> int:
     "Load a checkpointed state into both networks and optimisers; the step to continue after (0: a fresh run)."
@@ -215,6 +221,7 @@ def _resume(state: dict | None, run: RunDir, annotator, segmenter, opt_a, opt_s)
     opt_a.load_state_dict(state["opt_annotator"]); opt_s.load_state_dict(state["opt_segmenter"])
     return state["step"]
 
+# %% ../nbs/09_train.ipynb #f9bb6208
 def train_gradient_matching(generator: FeatureGenerator, annotator: nn.Module, segmenter: nn.Module,
                             labelled: LabelledImages | BatchSource, config: GMConfig | None = None, *,
                             val: LabelledImages | None = None, annotator_val: tuple | None = None,
@@ -230,7 +237,7 @@ def train_gradient_matching(generator: FeatureGenerator, annotator: nn.Module, s
     opt_s = make_optimizer(segmenter.parameters(), "sgd", cfg.segmenter_lr, cfg.segmenter_momentum)
     data = {"generator": fingerprint(generator),
             "labelled": "batch source" if callable(labelled) else fingerprint(labelled), "labelled_batches": source}
-    run = RunDir(out_dir, "gm_run", {**cfg.to_dict(), **data}, _RESTARTABLE,
+    run = RunDir(out_dir, "gm_run", run_settings(cfg, data), _RESTARTABLE,
                  defaults={**type(cfg)().to_dict(), "labelled_batches": source})
     start = _resume(run.start(resume, overwrite, map_location=device), run, annotator, segmenter, opt_a, opt_s)
     elapsed0, t0 = max([r["time"] for r in run.history if "time" in r], default=0.0), time.perf_counter()

@@ -6,6 +6,7 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
+from lagm_nb.core import CheckpointError
 from lagm_nb.datasets import LabelledImages
 from lagm_nb.testing import tiny_generator
 from lagm_nb.train import GMConfig, train_gradient_matching
@@ -24,7 +25,7 @@ class PlainSegmenter(nn.Module):
     def forward(self, x): return self.net(x)
 
 
-def _run(batch, steps, out=None):
+def _run(batch, steps, out=None, resume=False):
     torch.manual_seed(0)
     G = tiny_generator()
     lab = LabelledImages(G.sample(4, seed=3)[0], torch.randint(0, 3, (4, 32, 32), generator=torch.Generator().manual_seed(1)), 3)
@@ -32,7 +33,7 @@ def _run(batch, steps, out=None):
     A, S = PlainAnnotator(G.feature_shapes[-1][0], 3), PlainSegmenter(3)
     cfg = GMConfig(steps=steps, batch_size=batch, labelled_batch_size=batch, eval_every=100, log_every=1,
                    annotator_lr=0.1, segmenter_lr=0.1)
-    res = train_gradient_matching(G, A, S, lab, cfg, out_dir=out, device="cpu", progress=False)
+    res = train_gradient_matching(G, A, S, lab, cfg, out_dir=out, resume=resume, device="cpu", progress=False)
     return {**{f"A.{k}": v for k, v in res.annotator.state_dict().items()},
             **{f"S.{k}": v for k, v in res.segmenter.state_dict().items()}}, [r["gm_loss"] for r in res.history]
 
@@ -59,6 +60,13 @@ def test_two_ranks_equal_one_rank_with_the_doubled_batch(tmp_path):
     assert (tmp_path / "run" / "checkpoint.pt").exists()      # rank 0 wrote the run folder
     alone, _ = _run(1, 3)                                      # one rank's share alone is another run
     assert any(not torch.allclose(v, alone[k], atol=1e-4) for k, v in one.items())
+    # rank 0's checkpoint of the 2 x 1 run continues as 1 x 2 (the same total batch), not as 1 x 1
+    resumed, losses = _run(2, 5, tmp_path / "run", resume=True)
+    straight, straight_losses = _run(2, 5)
+    for k, v in straight.items(): assert torch.allclose(v, resumed[k], atol=1e-5), k
+    assert losses == pytest.approx(straight_losses, abs=1e-5) and len(losses) == 5
+    with pytest.raises(CheckpointError, match=r"'batch_size': \(2, 1\)"):
+        _run(1, 7, tmp_path / "run", resume=True)
 
 
 # ---- dataset export shared out among ranks (lagm_nb.factory.export_dataset under torch.distributed) ----------------
