@@ -146,11 +146,12 @@ def learn_recipe(args) -> tuple[str, RecipeConfig]:
 def cmd_export(args) -> str:
     spec = args.generator or load_checkpoint(args.annotator, "annotator")["info"].get("generator")
     if spec is None: raise ValueError(f"{args.annotator} does not record its generator's name; pass --generator")
-    G = load_generator(spec, args.device)
+    G = load_generator(spec, join_torchrun(args.device))
     A = load_annotator(args.annotator, G, allow_other_weights=args.allow_other_weights)
     out = export_dataset(G, A, args.out, args.n_images, seed=args.seed, batch_size=args.batch_size,
                          shard_size=args.shard_size, soft=args.soft, preview=args.preview, truncation=args.truncation,
                          progress=not args.quiet)
+    if world()[0] != 0: return f"rank {world()[0]}: done"
     return f"{read_export_manifest(out)['n_complete']} labelled images in {out}"
 
 # %% ../nbs/18_cli.ipynb #c1000013
@@ -261,6 +262,16 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (_add_learn, _add_export, _add_train, _add_evaluate): add(sub, common)
     return parser
 
+# %% ../nbs/18_cli.ipynb #c1000040
+def _in_process_group() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+def _leave_process_group(ok: bool):
+    "Leave the process group a command joined: meet the other ranks at a barrier after a success, then destroy it."
+    if not _in_process_group(): return
+    if ok: torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
 # %% ../nbs/18_cli.ipynb #c1000018
 USER_ERRORS = (ValueError, OSError, CheckpointError, ZooError, FloatingPointError, RuntimeError)   # see above
 
@@ -269,6 +280,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try: args = parser.parse_args(argv)
     except SystemExit as e: return e.code if isinstance(e.code, int) else 0
+    joined_before, code = _in_process_group(), 1
+    try: code = _run(args)
+    finally:
+        if not joined_before: _leave_process_group(code == 0)
+    return code
+
+def _run(args) -> int:
+    "Run the parsed command; the exit code (see above)."
     try: print(args.run(args))
     except USER_ERRORS as e:
         if os.environ.get("LAGM_DEBUG"): raise

@@ -16,7 +16,7 @@ from .datasets import BatchSource, LabelledImages, check_batch_source, check_cla
 from .generators import FeatureGenerator
 from .gradmatch import segmentation_loss
 from .metrics import evaluate_segmenter, scores
-from .train import make_optimizer
+from .train import make_optimizer, precision_context
 
 # %% auto #0
 __all__ = ['augment', 'jitter_colours', 'labelled_batches', 'synthetic_batches', 'dataset_batches', 'SegmenterRun', 'keep_best',
@@ -118,18 +118,20 @@ def train_segmenter(segmenter: nn.Module, batches: BatchSource, steps: int, *, l
                     optimizer: str = "adam", val: LabelledImages | None = None, eval_every: int = 200,
                     out_dir: str | Path | None = None, checkpoint_every: int = 500, resume: bool = False,
                     overwrite: bool = False, data: str = "", seed: int = 0, device=None, progress: bool = True,
-                    desc: str = "segmenter", callbacks: list = ()) -> SegmenterRun:
+                    desc: str = "segmenter", callbacks: list = (), precision: str = "fp32") -> SegmenterRun:
     "Train `segmenter` on `batches(step)` for `steps` steps; keep the weights with the best validation mIoU."
     device = default_device(device)
+    precision_context(precision, device)                               # refuses an unknown precision here
     check_classes(labels=batches, segmenter=segmenter, val=val)
     segmenter.to(device)
     opt = make_optimizer(segmenter.parameters(), optimizer, lr)
     source = check_batch_source(batches, segmenter=segmenter, val=val)   # the labels' classes; what the batches are
     named = None if data else source                                     # unless `data` names them
     settings = dict(lr=lr, optimizer=optimizer, seed=seed, data=data, val=None if val is None else fingerprint(val),
-                    steps=steps, eval_every=eval_every, checkpoint_every=checkpoint_every, batches=named)
+                    steps=steps, eval_every=eval_every, checkpoint_every=checkpoint_every, batches=named,
+                    precision=precision)
     run = RunDir(out_dir, "segmenter_run", settings, restartable={"steps", "eval_every", "checkpoint_every"},
-                 defaults={"batches": named})    # a checkpoint from before `batches` was recorded: the same data
+                 defaults={"batches": named, "precision": "fp32"})   # what a checkpoint from before them recorded
     state, start, best = run.start(resume, overwrite, map_location=device), 0, (None, -math.inf, None)
     if state:
         load_state_dict_checked(segmenter, state["segmenter"], f"segmenter in {run.checkpoints[0]}")
@@ -137,7 +139,7 @@ def train_segmenter(segmenter: nn.Module, batches: BatchSource, steps: int, *, l
     bar = tqdm(range(start + 1, steps + 1), initial=start, total=steps, disable=not progress, desc=desc)
     guard = FiniteGuard(desc, start)
     for t in bar:
-        loss = supervised_loss(segmenter, batches, t, seed)
+        with precision_context(precision, device): loss = supervised_loss(segmenter, batches, t, seed)
         opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
         guard.watch(loss)
         if t % 50 == 0 or t % checkpoint_every == 0 or t == steps: guard.check(t, segmenter=segmenter)

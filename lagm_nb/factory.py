@@ -5,7 +5,7 @@ against the generator they read), and a generator with its annotator exported as
 
 # %% ../nbs/17_factory.ipynb #fa000003
 from __future__ import annotations
-import colorsys, datetime, json, os, tempfile, warnings
+import colorsys, datetime, json, os, pickle, tempfile, warnings
 from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,7 +16,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 from . import __version__
 from .core import (CheckpointError, fingerprint, load_checkpoint, load_state_dict_checked, save_checkpoint,
-                          step_seed)
+                          step_seed, world)
 from .generators import FeatureGenerator, latents_for_seeds
 from .annotator import FPNAnnotator, PixelMLPAnnotator
 from .segmenters import build_segmenter
@@ -231,6 +231,60 @@ def _check_export_args(n_images: int, batch_size: int, shard_size: int, n_classe
     if n_classes > 255: raise ValueError(f"masks are uint8 PNGs with 255 free for 'ignore', so at most 255 classes; "
                                          f"the annotator has {n_classes}")
 
+# %% ../nbs/17_factory.ipynb #fa000041
+def _portable(error: BaseException) -> BaseException:
+    "`error` if it can be sent to the other ranks (pickled), else a RuntimeError with its type and message."
+    try: pickle.loads(pickle.dumps(error)); return error
+    except Exception: return RuntimeError(f"{type(error).__name__}: {error}")
+
+def _agree(error: BaseException | None):
+    "All ranks meet here; if any brings an error, every rank raises (its own, or the lowest failing rank's)."
+    rank, ranks = world()
+    if ranks > 1:
+        errors = [None] * ranks
+        torch.distributed.all_gather_object(errors, None if error is None else (rank, _portable(error)))
+        failed = next((e for e in errors if e is not None), None)
+        if error is None and failed is not None:
+            raise RuntimeError(f"rank {failed[0]} failed ({type(failed[1]).__name__}: {failed[1]}), so rank {rank} "
+                               "stops too") from failed[1]
+    if error is not None: raise error
+
+def _attempt(work) -> Exception | None:
+    "Run `work()`; the exception it raised, or None."
+    try: work()
+    except Exception as e: return e
+    return None
+
+# %% ../nbs/17_factory.ipynb #fa000043
+def _shared_manifest(out: Path, fresh: dict) -> dict:
+    "Rank 0 starts or continues the folder's manifest while the others wait; every rank gets it and checks its own."
+    rank, ranks = world()
+    shared = [None, fresh["n_images"]]
+    def start(): shared[0] = _continue_or_start(out, fresh)
+    _agree(_attempt(start) if rank == 0 else None)
+    if ranks == 1: return shared[0]
+    torch.distributed.broadcast_object_list(shared, src=0)
+    differ = manifest_differences(shared[0], fresh)
+    if shared[1] != fresh["n_images"]: differ.append(f"n_images ({shared[1]} on rank 0 vs {fresh['n_images']})")
+    _agree(ValueError(f"rank {rank} was given another " + "; ".join(differ) + " than rank 0: give every rank the "
+                      "same generator, annotator and settings") if differ else None)
+    return shared[0]
+
+def _export_block(generator, annotator, out: Path, block: int, done: int, n_images: int, seed: int,
+                  batch_size: int, shard_size: int, soft: bool, lut):
+    "Compute block `block` (images [kB, kB + B)) and write its images from `done` up to `n_images`."
+    start = block * batch_size
+    images, feats = generator.sample(z=export_latents(generator, seed, range(start, start + batch_size)))
+    logits = annotator(feats)
+    for i in range(max(start, done), min(start + batch_size, n_images)):
+        write_item(out, i, images[i - start], logits[i - start], shard_size, soft, lut)
+
+def _save_progress(out: Path, manifest: dict, n_complete: int | None):
+    "Rank 0 records that the first `n_complete` images are on disk (None: nothing new)."
+    if n_complete is None or world()[0] != 0: return
+    manifest.update(n_complete=n_complete, updated=_now())
+    _write_atomic(out / "manifest.json", lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+
 # %% ../nbs/17_factory.ipynb #fa000021
 @torch.no_grad()
 def export_dataset(generator: FeatureGenerator, annotator: nn.Module, out_dir: str | Path, n_images: int, *,
@@ -239,26 +293,27 @@ def export_dataset(generator: FeatureGenerator, annotator: nn.Module, out_dir: s
                    palette: Sequence[Sequence[int]] | None = None, progress: bool = True) -> Path:
     "Write `n_images` generated images and `annotator`'s labels to `out_dir` (format above); resumes an interruption."
     _check_export_args(n_images, batch_size, shard_size, annotator.n_classes)
-    out = Path(out_dir)
+    out, (rank, ranks) = Path(out_dir), world()
     names = class_names_for(class_names or getattr(annotator, "class_names", None), annotator.n_classes)
     colours = [list(map(int, c)) for c in (palette or default_palette(annotator.n_classes))] if preview else None
     with truncated(generator, truncation):
         annotator = annotator.to(generator.device).eval()
-        manifest = _continue_or_start(out, export_manifest(generator, annotator, n_images, seed, batch_size,
-                                                           shard_size, soft, colours, names))
+        manifest = _shared_manifest(out, export_manifest(generator, annotator, n_images, seed, batch_size,
+                                                         shard_size, soft, colours, names))
         done = manifest["n_complete"]
         if done >= n_images: return out
         lut = None if colours is None else np.array(colours, dtype=np.uint8)
-        bar = tqdm(total=n_images, initial=min(done, n_images), disable=not progress, desc="exporting")
-        for start in range(done // batch_size * batch_size, n_images, batch_size):
-            images, feats = generator.sample(z=export_latents(generator, seed, range(start, start + batch_size)))
-            logits = annotator(feats)
-            stop = min(start + batch_size, n_images)
-            for i in range(max(start, done), stop):
-                write_item(out, i, images[i - start], logits[i - start], shard_size, soft, lut)
-            manifest.update(n_complete=stop, updated=_now())
-            _write_atomic(out / "manifest.json", lambda f: f.write(json.dumps(manifest, indent=1).encode()))
-            bar.update(stop - max(start, done))
+        bar = tqdm(total=n_images, initial=done, disable=not progress or rank != 0, desc="exporting")
+        blocks, complete = range(done // batch_size, -(-n_images // batch_size)), None
+        def one_round(mine: int | None):
+            _save_progress(out, manifest, complete)       # the last round's progress: every rank has finished it
+            if mine is not None: _export_block(generator, annotator, out, mine, done, n_images, seed, batch_size,
+                                               shard_size, soft, lut)
+        for first in range(0, len(blocks), ranks):        # a round: one block per rank
+            _agree(_attempt(lambda: one_round(blocks[first + rank] if first + rank < len(blocks) else None)))
+            complete = min((blocks[min(first + ranks, len(blocks)) - 1] + 1) * batch_size, n_images)
+            bar.update(complete - bar.n)
+        _agree(_attempt(lambda: _save_progress(out, manifest, complete)))
         bar.close()
     return out
 

@@ -17,6 +17,7 @@ __all__ = ['CONVENTIONS', 'segmentation_loss', 'select_parameters', 'row_cosine'
 # %% ../nbs/08_gradmatch.ipynb #b3f6b874
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
     "Cross-entropy of logits [N,C,H,W] against hard labels [N,H,W] (int) or soft labels [N,C,H,W] (float)."
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))    # bfloat16 logits: the loss in float32
     if target.dtype.is_floating_point:
         if target.shape != logits.shape:
             raise ValueError(f"soft labels {tuple(target.shape)} must have the logits' shape {tuple(logits.shape)}")

@@ -5,7 +5,7 @@ Pascal-Part horse and aeroplane, CGPart car renders), with their class merges, a
 
 # %% ../nbs/20_loaders.ipynb #ld000003
 from __future__ import annotations
-import dataclasses, re
+import dataclasses, re, warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 import numpy as np
@@ -24,8 +24,8 @@ __all__ = ['CELEBAMASK_PARTS', 'CELEBA8_MERGE', 'CELEBA8_CLASSES', 'CELEBAMASK_S
            'CGPART_LAYOUT', 'LOADERS', 'PAPER_MATCH', 'STYLEGAN2_LAYERS', 'PAPER_CONFIGS', 'target_of', 'merge_map',
            'read_celebamask_parts', 'celebamask_ids', 'celebamask_hq', 'datasetgan_files', 'datasetgan',
            'datasetgan_cross_validation', 'read_pascal_part', 'mask_box', 'box_iou', 'kept_objects',
-           'pascal_part_labels', 'square_crop', 'pascal_patches', 'pascal_part', 'cgpart_car', 'PaperConfig',
-           'paper_config']
+           'pascal_part_labels', 'square_crop', 'SplitSizeWarning', 'check_split_size', 'pascal_patches', 'pascal_part',
+           'cgpart_car', 'PaperConfig', 'paper_config']
 
 # %% ../nbs/20_loaders.ipynb #ld000006
 def target_of(name: str, table: dict[str, Sequence[str]]) -> str | None:
@@ -291,6 +291,18 @@ def square_crop(image: torch.Tensor, labels: torch.Tensor, box: tuple) -> tuple[
     crop_labels[sy0 - top:sy1 - top, sx0 - left:sx1 - left] = labels[sy0:sy1, sx0:sx1]
     return crop, crop_labels
 
+# %% ../nbs/20_loaders.ipynb #ld000040
+class SplitSizeWarning(UserWarning):
+    "A loaded split whose size is not the paper's."
+
+def check_split_size(n: int, category: str, split: str):
+    "Warn (`SplitSizeWarning`) if `n` patches of Pascal-Part `category`'s `split` are not Appendix A's count."
+    paper = PASCAL_SPLIT_SIZES[category][split]
+    if n != paper:
+        warnings.warn(f"Pascal-Part {category} {split}: {n} patches, where Appendix A has {paper}: other data or other "
+                      "rules (min_side, max_iou, overlap, n_train) than the paper's, so scores on it are not the "
+                      "paper's setting", SplitSizeWarning, stacklevel=3)
+
 # %% ../nbs/20_loaders.ipynb #ld000025
 def pascal_patches(root: Path, parts_dir: Path, category: str, voc_split: str, size: tuple[int, int],
                    min_side: int, max_iou: float, overlap: str, ignore_index: int) -> tuple[list, list, list]:
@@ -327,6 +339,7 @@ def pascal_part(root: str | Path, category: str, split: str = "train", size: int
     if split != "test":
         pick = slice(0, n_train) if split == "train" else slice(n_train, None)
         images, masks, names = images[pick], masks[pick], names[pick]
+    check_split_size(len(names), category, split)
     return _stacked(images, masks, names, list(PASCAL_MERGES[category]), ignore_index)
 
 # %% ../nbs/20_loaders.ipynb #ld000031

@@ -17,8 +17,8 @@ from .datasets import BatchSource, LabelledImages, resize_pair
 from .generators import FeatureGenerator
 from .gradmatch import segmentation_loss, select_parameters
 from .train import (
-    _RESTARTABLE, GMConfig, GMResult, annotate, check_labelled, evaluate_run, labelled_batch, make_optimizer,
-    segmenter_step, train_gradient_matching, update_annotator)
+    _RESTARTABLE, GMConfig, GMResult, annotate, check_labelled, check_segmenter_state, evaluate_run, labelled_batch,
+    make_optimizer, precision_context, train_gradient_matching, update_annotator, update_segmenter)
 
 # %% auto #0
 __all__ = ['MAML_PRESETS', 'MAMLConfig', 'simulated_sgd', 'maml_meta_loss', 'maml_annotator_step', 'train_maml', 'step_cost']
@@ -46,8 +46,8 @@ def simulated_sgd(segmenter: nn.Module, theta: dict[str, torch.Tensor], buffers:
     with torch.enable_grad():
         for _ in range(steps):
             logits = functional_call(segmenter, {**theta, **buffers}, (images,))
-            grads = torch.autograd.grad(segmentation_loss(logits, labels), list(theta.values()), create_graph=True,
-                                        allow_unused=True)
+            grads = torch.autograd.grad(segmentation_loss(logits, labels), list(theta.values()),
+                                        create_graph=True, allow_unused=True)
             theta = {n: p if g is None else p - lr * g for (n, p), g in zip(theta.items(), grads)}
     return theta
 
@@ -58,11 +58,14 @@ def maml_meta_loss(generator: FeatureGenerator, annotator: nn.Module, segmenter:
     segmenter.train()
     theta = dict(select_parameters(segmenter, config.match))                 # line 2: theta' <- theta (not copied)
     buffers = {n: b.clone() for n, b in segmenter.named_buffers()}          # the simulated segmenter's BN statistics
-    x, h = generator.sample(config.batch_size, seed=step_seed(config.seed, step, "match"))          # line 3
-    x, q = resize_pair(x, annotate(annotator, h, graph=True), config.segmenter_size, config.resize_mode)
-    theta = simulated_sgd(segmenter, theta, buffers, x, q, config.inner_lr, config.inner_steps)    # lines 4-7
-    xl, yl = resize_pair(*labelled_batch(labelled, config, step, device), config.segmenter_size, config.resize_mode)
-    return segmentation_loss(functional_call(segmenter, {**theta, **buffers}, (xl,)), yl)           # lines 8-9
+    with precision_context(config, device):
+        x, h = generator.sample(config.batch_size, seed=step_seed(config.seed, step, "match"))      # line 3
+        x, q = resize_pair(x, annotate(annotator, h, graph=True), config.segmenter_size, config.resize_mode)
+        theta = simulated_sgd(segmenter, theta, buffers, x, q, config.inner_lr, config.inner_steps)  # lines 4-7
+        xl, yl = resize_pair(*labelled_batch(labelled, config, step, device), config.segmenter_size,
+                             config.resize_mode)
+        logits = functional_call(segmenter, {**theta, **buffers}, (xl,))                            # line 9
+    return segmentation_loss(logits, yl)                                        # in float32 (or float64)
 
 def maml_annotator_step(generator: FeatureGenerator, annotator: nn.Module, segmenter: nn.Module,
                         optimizer: torch.optim.Optimizer, labelled, config: MAMLConfig, step: int,
@@ -96,6 +99,7 @@ def train_maml(generator: FeatureGenerator, annotator: nn.Module, segmenter: nn.
     "Algorithm 2 of the paper: learn `annotator` by K-step MAML while `segmenter` trains on its labels."
     cfg, device = config or MAMLConfig(), default_device(device)
     if not isinstance(cfg, MAMLConfig): raise TypeError(f"config must be a MAMLConfig, not {type(cfg).__name__}")
+    check_segmenter_state(cfg, segmenter); precision_context(cfg, device)   # unknown states or precisions refused
     source = check_labelled(labelled, annotator, segmenter, val)
     generator.to(device); annotator.to(device); segmenter.to(device)
     run, opt_a, opt_s, start = _start_maml_run(generator, annotator, segmenter, labelled, source, cfg, out_dir, resume,
@@ -107,8 +111,7 @@ def train_maml(generator: FeatureGenerator, annotator: nn.Module, segmenter: nn.
     for t in bar:                                                                                   # line 1
         torch.manual_seed(step_seed(cfg.seed, t, "torch"))
         loss = maml_annotator_step(generator, annotator, segmenter, opt_a, labelled, cfg, t, device)   # lines 2-10
-        seg_loss = segmenter_step(generator, annotator, segmenter, opt_s, cfg, t) if t % cfg.segmenter_every == 0 \
-            else None                                                                               # lines 11-13
+        seg_loss = update_segmenter(generator, annotator, segmenter, opt_s, cfg, t)                  # lines 11-13
         elapsed = elapsed0 + time.perf_counter() - t0
         guard.watch(loss, seg_loss)
         if t % cfg.log_every == 0 or t % cfg.checkpoint_every == 0 or t == cfg.steps:

@@ -17,7 +17,7 @@ from .datasets import LabelledImages, check_classes, check_images
 from .downstream import SegmenterRun, jitter_colours, keep_best, labelled_batches, supervised_loss
 from .metrics import evaluate_segmenter, scores
 from .stylegan2 import ema_update
-from .train import make_optimizer
+from .train import make_optimizer, precision_context
 
 # %% auto #0
 __all__ = ['MeanTeacherConfig', 'consistency_weight', 'ema_decay', 'consistency_loss', 'unlabelled_batches', 'mean_teacher_step',
@@ -73,18 +73,19 @@ def unlabelled_batches(unlabelled: torch.Tensor | Callable[[int], torch.Tensor] 
 # %% ../nbs/16_meanteacher.ipynb #mt000015
 def mean_teacher_step(student: nn.Module, teacher: nn.Module, optimizer: torch.optim.Optimizer, labelled,
                       unlabelled: Callable[[int], torch.Tensor] | None, config: MeanTeacherConfig, step: int,
-                      seed: int = 0) -> dict[str, torch.Tensor]:
+                      seed: int = 0, precision: str = "fp32") -> dict[str, torch.Tensor]:
     "One Mean Teacher update of `student` (labelled and consistency losses), then the EMA update of `teacher`."
-    loss = supervised_loss(student, labelled, step, seed)
-    losses = {"sup_loss": loss.detach()}
-    if unlabelled is not None:
-        x = unlabelled(step)
-        g = torch.Generator().manual_seed(step_seed(seed, step, "views"))
-        student_view, teacher_view = jitter_colours(x, g, config.jitter), jitter_colours(x, g, config.jitter)
-        with torch.no_grad(): teacher_logits = teacher.train()(teacher_view)
-        cons = consistency_loss(student(student_view), teacher_logits)
-        loss = loss + consistency_weight(step - 1, config) * cons
-        losses["consistency"] = cons.detach()
+    with precision_context(precision, next(student.parameters()).device):
+        loss = supervised_loss(student, labelled, step, seed)
+        losses = {"sup_loss": loss.detach()}
+        if unlabelled is not None:
+            x = unlabelled(step)
+            g = torch.Generator().manual_seed(step_seed(seed, step, "views"))
+            student_view, teacher_view = jitter_colours(x, g, config.jitter), jitter_colours(x, g, config.jitter)
+            with torch.no_grad(): teacher_logits = teacher.train()(teacher_view)
+            cons = consistency_loss(student(student_view).float(), teacher_logits.float())
+            loss = loss + consistency_weight(step - 1, config) * cons
+            losses["consistency"] = cons.detach()
     optimizer.zero_grad(set_to_none=True); loss.backward(); optimizer.step()
     ema_update(teacher, student, ema_decay(step - 1, config))
     return losses
@@ -92,11 +93,12 @@ def mean_teacher_step(student: nn.Module, teacher: nn.Module, optimizer: torch.o
 # %% ../nbs/16_meanteacher.ipynb #mt000017
 _RESTARTABLE = {"steps", "eval_every", "checkpoint_every", "log_every"}   # may change between a run and its resume
 
-def _run_settings(cfg: MeanTeacherConfig, labelled, unlabelled, val, steps: int, seed: int) -> dict:
+def _run_settings(cfg: MeanTeacherConfig, labelled, unlabelled, val, steps: int, seed: int,
+                  precision: str = "fp32") -> dict:
     "What identifies a Mean Teacher run: its settings and fingerprints of its data."
     unl = None if unlabelled is None else "batch source" if callable(unlabelled) else fingerprint(unlabelled)
     return {**cfg.to_dict(), "steps": steps, "seed": seed, "labelled": fingerprint(labelled), "unlabelled": unl,
-            "val": None if val is None else fingerprint(val)}
+            "val": None if val is None else fingerprint(val), "precision": precision}
 
 def _validate(run: RunDir, teacher: nn.Module, student: nn.Module, val: LabelledImages, step: int, best: tuple):
     "Log the teacher's validation scores and the student's mIoU; return the best (step, mIoU, teacher weights)."
@@ -110,16 +112,18 @@ def train_mean_teacher(segmenter: nn.Module, labelled: LabelledImages,
                        unlabelled: torch.Tensor | Callable[[int], torch.Tensor] | None, steps: int, *,
                        config: MeanTeacherConfig | None = None, val: LabelledImages | None = None,
                        out_dir: str | Path | None = None, resume: bool = False, overwrite: bool = False,
-                       seed: int = 0, device=None, progress: bool = True) -> SegmenterRun:
+                       seed: int = 0, device=None, progress: bool = True, precision: str = "fp32") -> SegmenterRun:
     "Mean Teacher on `labelled` and `unlabelled` images; `segmenter` is the student, the teacher is returned."
     cfg, device = config or MeanTeacherConfig(), default_device(device)
+    precision_context(precision, device)                           # refuses an unknown precision here
     check_classes(labelled=labelled, segmenter=segmenter, val=val)
     student = segmenter.to(device)
     teacher = copy.deepcopy(student).requires_grad_(False)
     batches = labelled_batches(labelled, cfg.batch_size, seed=seed, device=device)
     unl = unlabelled_batches(unlabelled, cfg.unlabelled_batch_size, tuple(labelled.images.shape[-2:]), seed, device)
     opt = make_optimizer(student.parameters(), cfg.optimizer, cfg.lr)
-    run = RunDir(out_dir, "mean_teacher_run", _run_settings(cfg, labelled, unlabelled, val, steps, seed), _RESTARTABLE)
+    run = RunDir(out_dir, "mean_teacher_run", _run_settings(cfg, labelled, unlabelled, val, steps, seed, precision),
+                 _RESTARTABLE, defaults={"precision": "fp32"})
     state, start, best = run.start(resume, overwrite, map_location=device), 0, (None, -math.inf, None)
     if state:
         load_state_dict_checked(student, state["student"], f"student in {run.checkpoints[0]}")
@@ -128,7 +132,7 @@ def train_mean_teacher(segmenter: nn.Module, labelled: LabelledImages,
     bar = tqdm(range(start + 1, steps + 1), initial=start, total=steps, disable=not progress, desc="mean teacher")
     guard = FiniteGuard("mean teacher", start)
     for t in bar:
-        losses = mean_teacher_step(student, teacher, opt, batches, unl, cfg, t, seed)
+        losses = mean_teacher_step(student, teacher, opt, batches, unl, cfg, t, seed, precision)
         guard.watch(*losses.values())
         if t % cfg.log_every == 0 or t % cfg.checkpoint_every == 0 or t == steps:
             guard.check(t, student=student, teacher=teacher)

@@ -94,8 +94,9 @@ class RecipeResult:
     recipe: str                          # and its name (`recipe_name`)
     match_dir: Path | None = None
 
-_STAGE_FIELDS = {"pretrain": ["pretrain_steps", "pretrain_batch_size", "pretrain_lr", "pretrain_keep", "seed"],
-                 "warm": ["warm_start_images", "warm_start_steps"]}
+_STAGE_FIELDS = {"pretrain": ["pretrain_steps", "pretrain_batch_size", "pretrain_lr", "pretrain_keep", "seed",
+                              "precision"],
+                 "warm": ["warm_start_images", "warm_start_steps", "precision"]}
 
 def _stage_keys(cfg: RecipeConfig, *things) -> tuple[str, str, str]:
     "Fingerprints of the three stages: each of what it depends on, the stages before it included."
@@ -111,7 +112,8 @@ def _pretrain(segmenter, labelled, cfg: RecipeConfig, val, pre_dir, device, prog
     batches = labelled_batches(labelled, cfg.pretrain_batch_size, seed=cfg.seed, device=device)
     train_segmenter(segmenter, batches, cfg.pretrain_steps, lr=cfg.pretrain_lr, val=val,
                     eval_every=max(1, cfg.pretrain_steps // 5), out_dir=pre_dir, resume=pre_dir is not None,
-                    seed=cfg.seed, device=device, progress=progress, desc="pre-training segmenter")
+                    seed=cfg.seed, device=device, progress=progress, desc="pre-training segmenter",
+                    precision=cfg.precision)
     keep_pretrained(segmenter, cfg.pretrain_keep, step_seed(cfg.seed, 0, "pretrain keep"))
     minutes = (time.perf_counter() - t0) / 60
     if pre_dir:     # a later recipe that loads this pre-training still reports what it cost
@@ -151,7 +153,8 @@ def learn_annotator(generator: FeatureGenerator, annotator: nn.Module, segmenter
         t0 = time.perf_counter()
         if cfg.warm_start_images:
             z, q = pseudo_labels(generator, segmenter, cfg.warm_start_images, cfg.seed)
-            fit_annotator(generator, annotator, z, q, steps=cfg.warm_start_steps, seed=cfg.seed, progress=progress)
+            fit_annotator(generator, annotator, z, q, steps=cfg.warm_start_steps, seed=cfg.seed, progress=progress,
+                          precision=cfg.precision)
         minutes["warm_start"] = (time.perf_counter() - t0) / 60
         if warm_path:
             save_checkpoint({"annotator": annotator.state_dict(), "segmenter": segmenter.state_dict(),

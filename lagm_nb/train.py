@@ -21,10 +21,10 @@ from .gradmatch import GradientMatchingLoss, segmentation_loss
 from .metrics import confusion_matrix, evaluate_segmenter, scores
 
 # %% auto #0
-__all__ = ['PRESETS', 'SEGMENTER_STATES', 'GMConfig', 'evaluate_annotator', 'rank_share', 'labelled_batch', 'generated_batch',
-           'precision_context', 'annotate', 'update_annotator', 'annotator_step', 'segmenter_step',
+__all__ = ['PRESETS', 'PRECISIONS', 'SEGMENTER_STATES', 'GMConfig', 'evaluate_annotator', 'rank_share', 'labelled_batch',
+           'generated_batch', 'precision_context', 'annotate', 'update_annotator', 'annotator_step', 'segmenter_step',
            'check_segmenter_state', 'update_segmenter', 'GMResult', 'make_optimizer', 'evaluate_run', 'check_labelled',
-           'train_gradient_matching', 'fit_annotator']
+           'run_settings', 'train_gradient_matching', 'fit_annotator']
 
 # %% ../nbs/09_train.ipynb #2f4cb78e
 PRESETS: dict[str, dict] = {"paper": {}}
@@ -93,11 +93,14 @@ def generated_batch(generator: FeatureGenerator, config: GMConfig, step: int, st
     z = generator.latents(config.batch_size * world()[1], seed=step_seed(config.seed, step, stream))
     return generator.sample(z=z[rank_share(config.batch_size)])
 
-def precision_context(config: GMConfig, device):
-    "bfloat16 autocast for the forward passes when `config.precision` is 'bf16' (weights and optimisers stay fp32)."
-    if config.precision not in ("fp32", "bf16"):
-        raise ValueError(f"precision must be 'fp32' or 'bf16', not {config.precision!r}")
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
+PRECISIONS = ("fp32", "bf16")
+
+def precision_context(config: GMConfig | str, device):
+    """bfloat16 autocast for the forward passes when the precision (`config.precision`, or `config` itself, a string)
+    is 'bf16'; weights and optimisers stay fp32."""
+    precision = config if isinstance(config, str) else config.precision
+    if precision not in PRECISIONS: raise ValueError(f"precision must be 'fp32' or 'bf16', not {precision!r}")
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 def annotate(annotator: nn.Module, features: list[torch.Tensor], graph: bool) -> torch.Tensor:
     """Soft labels A_w(h): train mode with the graph for matching (line 4), eval mode without it for the segmenter
@@ -204,8 +207,14 @@ def check_labelled(labelled: LabelledImages | BatchSource, annotator: nn.Module,
     check_classes(labelled=labelled, annotator=annotator, segmenter=segmenter, val=val)
     return None
 
-# %% ../nbs/09_train.ipynb #f9bb6208
-_RESTARTABLE = {"steps", "eval_every", "checkpoint_every", "log_every"}  # may change between a run and its resume
+# %% ../nbs/09_train.ipynb #a1g0r017
+_RESTARTABLE = {"steps", "eval_every", "checkpoint_every", "log_every", "world_size"}  # may change at a resume
+
+def run_settings(cfg: GMConfig, data: dict) -> dict:
+    "The settings a run records and its resume must keep: `cfg`'s, the batch sizes of all ranks together, `data`."
+    ranks = world()[1]
+    return {**cfg.to_dict(), **data, "batch_size": cfg.batch_size * ranks,
+            "labelled_batch_size": cfg.labelled_batch_size * ranks, "world_size": ranks}
 
 def _resume(state: dict | None, run: RunDir, annotator, segmenter, opt_a, opt_s) -> int:
     "Load a checkpointed state into both networks and optimisers; the step to continue after (0: a fresh run)."
@@ -215,6 +224,7 @@ def _resume(state: dict | None, run: RunDir, annotator, segmenter, opt_a, opt_s)
     opt_a.load_state_dict(state["opt_annotator"]); opt_s.load_state_dict(state["opt_segmenter"])
     return state["step"]
 
+# %% ../nbs/09_train.ipynb #f9bb6208
 def train_gradient_matching(generator: FeatureGenerator, annotator: nn.Module, segmenter: nn.Module,
                             labelled: LabelledImages | BatchSource, config: GMConfig | None = None, *,
                             val: LabelledImages | None = None, annotator_val: tuple | None = None,
@@ -230,7 +240,7 @@ def train_gradient_matching(generator: FeatureGenerator, annotator: nn.Module, s
     opt_s = make_optimizer(segmenter.parameters(), "sgd", cfg.segmenter_lr, cfg.segmenter_momentum)
     data = {"generator": fingerprint(generator),
             "labelled": "batch source" if callable(labelled) else fingerprint(labelled), "labelled_batches": source}
-    run = RunDir(out_dir, "gm_run", {**cfg.to_dict(), **data}, _RESTARTABLE,
+    run = RunDir(out_dir, "gm_run", run_settings(cfg, data), _RESTARTABLE,
                  defaults={**type(cfg)().to_dict(), "labelled_batches": source})
     start = _resume(run.start(resume, overwrite, map_location=device), run, annotator, segmenter, opt_a, opt_s)
     elapsed0, t0 = max([r["time"] for r in run.history if "time" in r], default=0.0), time.perf_counter()
@@ -261,9 +271,24 @@ def train_gradient_matching(generator: FeatureGenerator, annotator: nn.Module, s
     return GMResult(annotator, segmenter, run.history, run.dir)
 
 # %% ../nbs/09_train.ipynb #ea571014
+def _training_pixels(annotator: PixelMLPAnnotator, feats: list[torch.Tensor], labels: torch.Tensor) -> tuple:
+    "DatasetGAN trains on pixels: every labelled pixel's feature vector [P, D] and its label, gathered once."
+    px = torch.cat([annotator.pixels([f[i:i+1] for f in feats]) for i in range(len(labels))])
+    soft = labels.dtype.is_floating_point
+    return px, (labels.permute(0, 2, 3, 1).reshape(-1, labels.shape[1]) if soft else labels.reshape(-1))
+
+def _pixel_logits(annotator: PixelMLPAnnotator, px: torch.Tensor, px_labels: torch.Tensor, pixels_per_member: int,
+                  g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    "Each member on its own random pixels: the members' logits laid out as [M, C, P, 1] 'images', and their labels."
+    idx = torch.randint(0, len(px), (len(annotator.members), pixels_per_member), generator=g).to(px.device)
+    logits = torch.stack([m(px[i]) for m, i in zip(annotator.members, idx)]).permute(0, 2, 1)[..., None]
+    y = px_labels[idx]
+    return logits, (y.movedim(-1, 1)[..., None] if px_labels.ndim == 2 else y[..., None])
+
+# %% ../nbs/09_train.ipynb #ea571015
 def fit_annotator(generator: FeatureGenerator, annotator: nn.Module, z: torch.Tensor, labels: torch.Tensor,
                   steps: int = 500, batch_size: int = 8, pixels_per_member: int = 256, lr: float = 1e-3,
-                  seed: int = 0, progress: bool = True) -> nn.Module:
+                  seed: int = 0, progress: bool = True, precision: str = "fp32") -> nn.Module:
     "Fit `annotator` to `labels` (hard [N,H,W] or soft [N,C,H,W]) of the images generated from latents `z`."
     if len(z) != len(labels): raise ValueError(f"{len(z)} latents but {len(labels)} label maps")
     n_labels = labels.shape[1] if labels.dtype.is_floating_point else int(labels[labels != 255].max()) + 1
@@ -272,24 +297,19 @@ def fit_annotator(generator: FeatureGenerator, annotator: nn.Module, z: torch.Te
                          "build the annotator with the labels' n_classes")
     device = generator.device
     annotator.to(device).train()
-    feats = [generator.sample(z=z[i:i+batch_size])[1] for i in range(0, len(z), batch_size)]
-    feats = [torch.cat(f) for f in zip(*feats)]
-    labels = labels.to(device)
-    soft = labels.dtype.is_floating_point
+    with precision_context(precision, device):
+        feats = [generator.sample(z=z[i:i+batch_size])[1] for i in range(0, len(z), batch_size)]
+    feats, labels = [torch.cat(f) for f in zip(*feats)], labels.to(device)
     per_pixel = isinstance(annotator, PixelMLPAnnotator)
-    if per_pixel:   # DatasetGAN trains on pixels: gather every labelled pixel's feature vector once
-        px = torch.cat([annotator.pixels([f[i:i+1] for f in feats]) for i in range(len(z))])
-        px_labels = labels.permute(0, 2, 3, 1).reshape(-1, labels.shape[1]) if soft else labels.reshape(-1)
+    if per_pixel: px, px_labels = _training_pixels(annotator, feats, labels)
     opt = torch.optim.Adam(annotator.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)
     for _ in tqdm(range(steps), disable=not progress, desc="fitting annotator"):
-        if per_pixel:   # each member its own random pixels; members' logits laid out as [M, C, P, 1] "images"
-            idx = torch.randint(0, len(px), (len(annotator.members), pixels_per_member), generator=g).to(device)
-            logits = torch.stack([m(px[i]) for m, i in zip(annotator.members, idx)]).permute(0, 2, 1)[..., None]
-            y = px_labels[idx].movedim(-1, 1)[..., None] if soft else px_labels[idx][..., None]
-        else:
-            pick = torch.randperm(len(z), generator=g)[:batch_size]
-            logits, y = annotator([f[pick] for f in feats]), labels[pick]
-        loss = segmentation_loss(logits, y)
+        with precision_context(precision, device):
+            if per_pixel: logits, y = _pixel_logits(annotator, px, px_labels, pixels_per_member, g)
+            else:
+                pick = torch.randperm(len(z), generator=g)[:batch_size]
+                logits, y = annotator([f[pick] for f in feats]), labels[pick]
+        loss = segmentation_loss(logits, y)                    # in float32 (see segmentation_loss)
         opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
     return annotator.eval()

@@ -170,10 +170,32 @@ def test_learn_under_torchrun_runs_data_parallel_and_rank_0_writes(labelled):
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                           "-m", "lagm_nb.cli", *map(str, argv)], capture_output=True, text=True, env=env, cwd=d,
                          timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.returncode == 0 and "terminate called" not in res.stderr, res.stderr[-3000:]   # see main
     assert res.stdout.count("written to") == 1 and "rank 1: done" in res.stdout, res.stdout
     A = load_annotator(d / "ddp.pt", tiny_generator())
     assert A.info["config"]["steps"] == 3 and all(torch.isfinite(p).all() for p in A.state_dict().values())
+
+
+def test_export_under_torchrun_shares_the_images_and_equals_one_process(labelled):
+    d, folder = labelled
+    assert _learn(d, folder) == 0
+    assert _run("export", "--annotator", d / "a.pt", "--out", d / "one", "--n-images", 10, "--batch-size", 4,
+                "--soft") == 0
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "LAGM_DEVICE": "cpu"}
+    argv = ["export", "--annotator", d / "a.pt", "--out", d / "two", "--n-images", 10, "--batch-size", 4, "--soft",
+            "--quiet"]
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "lagm_nb.cli", *map(str, argv)], capture_output=True, text=True, env=env, cwd=d,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "10 labelled images in" in res.stdout and "rank 1: done" in res.stdout, res.stdout
+    files = lambda root: sorted(p.relative_to(root) for p in root.rglob("*")
+                                if p.is_file() and p.name != "manifest.json")
+    assert files(d / "one") == files(d / "two") and len(files(d / "one")) == 30   # images, masks, soft
+    assert all((d / "one" / f).read_bytes() == (d / "two" / f).read_bytes() for f in files(d / "one"))
+    old, new = read_export_manifest(d / "one"), read_export_manifest(d / "two")
+    assert {k: v for k, v in old.items() if k not in ("created", "updated")} == \
+        {k: v for k, v in new.items() if k not in ("created", "updated")}
 
 
 def test_refusing_to_overwrite_an_output_changes_nothing(labelled, capsys, unchanged):

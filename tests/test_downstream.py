@@ -129,3 +129,22 @@ def test_a_nan_gradient_stops_the_run_before_its_checkpoint(tmp_path, unchanged)
     with unchanged(run), pytest.raises(FloatingPointError, match=r"segmenter: the segmenter's \S+ became NaN or "
                                        r"infinite between steps 3 and 4 while the losses stayed finite"):
         train_segmenter(S, labelled_batches(data, 2), 6, checkpoint_every=2, out_dir=run, resume=True, progress=False)
+
+
+def test_bf16_training_loss_stays_within_5_percent_of_fp32_and_is_a_setting_of_the_run(tmp_path):
+    from lagm_nb.core import CheckpointError
+    G = tiny_generator()
+    masks = torch.randint(0, 3, (8, 32, 32), generator=torch.Generator().manual_seed(0))
+    data = LabelledImages(G.sample(8, seed=7)[0], masks, 3)
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        run = train_segmenter(UNet(3, width=4), labelled_batches(data, 4, seed=0), 4, precision=precision,
+                              out_dir=tmp_path / precision, progress=False)
+        losses[precision] = run.history[-1]["loss"]
+    assert losses["bf16"] != losses["fp32"] and losses["bf16"] == pytest.approx(losses["fp32"], rel=0.05)
+    with pytest.raises(CheckpointError, match="'precision': \\('fp32', 'bf16'\\)"):   # a resume keeps the precision
+        train_segmenter(UNet(3, width=4), labelled_batches(data, 4, seed=0), 6, precision="bf16",
+                        out_dir=tmp_path / "fp32", resume=True, progress=False)
+    with pytest.raises(ValueError, match="precision must be 'fp32' or 'bf16', not 'half'"):
+        train_segmenter(UNet(3, width=4), labelled_batches(data, 4, seed=0), 1, precision="half", progress=False)

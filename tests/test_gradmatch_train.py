@@ -252,3 +252,25 @@ def test_a_nan_gradient_entry_under_a_finite_matching_loss_is_still_zeroed(setup
     assert loss.item() == 0 and torch.isnan(torch.autograd.grad(loss, A.head[-1].weight, retain_graph=True)[0]).all()
     update_annotator(loss, A, torch.optim.SGD(A.parameters(), lr=0.1, momentum=0.9))
     assert all(torch.equal(a, b) for a, b in zip(before, A.parameters()))
+
+
+@pytest.mark.parametrize("kind", ["fpn", "pixel_mlp"])
+def test_bf16_fit_annotator_loss_stays_within_5_percent_of_fp32(setup, kind):
+    from lagm_nb.annotator import PixelMLPAnnotator
+    from lagm_nb.gradmatch import segmentation_loss
+    from lagm_nb.train import fit_annotator
+    G, _ = setup
+    z = G.latents(8, seed=7)
+    y = TeacherLabeller(G, 3)(z)
+    fitted = {}
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        A = (FPNAnnotator(G.feature_shapes, 3, G.image_size, width=8) if kind == "fpn" else
+             PixelMLPAnnotator(G.feature_shapes, 3, G.image_size, n_members=2))
+        fitted[precision] = fit_annotator(G, A, z, y, steps=20, batch_size=4, precision=precision, progress=False)
+    with torch.no_grad():
+        loss = {p: segmentation_loss(A(G.sample(z=z)[1]), y).item() for p, A in fitted.items()}   # scored in fp32
+    assert not all(torch.equal(a, b) for a, b in zip(fitted["fp32"].parameters(), fitted["bf16"].parameters()))
+    assert loss["bf16"] == pytest.approx(loss["fp32"], rel=0.05)
+    with pytest.raises(ValueError, match="precision must be 'fp32' or 'bf16', not 'fp16'"):
+        fit_annotator(G, fitted["fp32"], z, y, steps=1, precision="fp16", progress=False)

@@ -18,6 +18,9 @@ from lagm_nb.loaders import (CAR20_CLASSES, CELEBA8_CLASSES, CELEBA8_MERGE, CELE
 from lagm_nb.metrics import cross_validation_miou
 from lagm_nb.stylegan2 import Generator
 
+# the fixtures hold a few Pascal-Part patches, not Appendix A's counts: that warning is checked in its own test
+pytestmark = pytest.mark.filterwarnings("ignore::lagm_nb.loaders.SplitSizeWarning")
+
 RNG = np.random.default_rng(0)
 
 
@@ -317,6 +320,22 @@ def test_box_rules():
     assert kept_objects([obj("horse", (0, 0, 105, 10)), obj("horse", (94, 0, 199, 10))], "horse", 10) == []
     ridden = [obj("horse", (0, 0, 50, 50)), obj("person", (10, 10, 60, 60))]
     assert kept_objects(ridden, "horse", 32) == [0] and kept_objects(ridden, "horse", 32, overlap="any") == []
+
+
+def test_pascal_split_of_another_size_than_the_papers_warns(tmp_path):
+    import warnings
+    from lagm_nb.loaders import PASCAL_SPLIT_SIZES, SplitSizeWarning, check_split_size
+    _voc(tmp_path, PHOTOS)
+    with pytest.warns(SplitSizeWarning, match="Pascal-Part horse train: 2 patches, where Appendix A has 180"):
+        assert len(pascal_part(tmp_path, "horse", "train", size=16)) == 2
+    with pytest.warns(SplitSizeWarning, match="horse val: 1 patches, where Appendix A has 33"):
+        pascal_part(tmp_path, "horse", "val", size=16, n_train=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for category, sizes in PASCAL_SPLIT_SIZES.items():
+            for split, n in sizes.items(): check_split_size(n, category, split)      # the paper's sizes: silent
+    with pytest.warns(SplitSizeWarning, match="aeroplane test: 265 patches, where Appendix A has 266"):
+        check_split_size(265, "aeroplane", "test")
 
 
 def test_pascal_errors(tmp_path, monkeypatch):

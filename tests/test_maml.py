@@ -184,3 +184,32 @@ def test_refused_calls_and_a_nan_stop_leave_the_run_as_it_was(G, lab, tmp_path, 
     with unchanged(run), pytest.raises(FloatingPointError, match=r"1-step MAML: the segmenter's outc.conv.weight "
                                        "became NaN or infinite between steps 3 and 4"):
         train_maml(G, A, S, lab, cfg.replace(steps=6), out_dir=run, resume=True, progress=False)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_bf16_meta_loss_stays_within_5_percent_of_fp32(G, lab, k):
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        A, S = FPNAnnotator(G.feature_shapes, 3, G.image_size, width=8), UNet(3, width=4)
+        hist = train_maml(G, A, S, lab, MAMLConfig(steps=3, inner_steps=k, log_every=1, precision=precision),
+                          progress=False).history
+        losses[precision] = [r["meta_loss"] for r in hist] + [r["seg_loss"] for r in hist]
+    assert losses["bf16"] != losses["fp32"] and losses["bf16"] == pytest.approx(losses["fp32"], rel=0.05)
+    with pytest.raises(ValueError, match="precision must be 'fp32' or 'bf16'"):
+        train_maml(G, A, S, lab, MAMLConfig(steps=1, precision="fp16"), progress=False)
+
+
+def test_segmenter_states_work_as_in_algorithm_1(G, lab):
+    cfg = MAMLConfig(steps=2, log_every=1)
+    torch.manual_seed(0)
+    A, S = FPNAnnotator(G.feature_shapes, 3, G.image_size, width=8), UNet(3, width=4)
+    before = {k: v.clone() for k, v in S.state_dict().items()}
+    hist = train_maml(G, A, S, lab, cfg.replace(segmenter_state="fixed"), progress=False).history
+    assert all(torch.equal(v, S.state_dict()[k]) for k, v in before.items())      # weights and BN statistics
+    assert [r["seg_loss"] for r in hist] == [None, None]
+    hist = train_maml(G, A, S, lab, cfg.replace(segmenter_state="reinit", reinit_every=2), progress=False).history
+    drawn = S.fresh(step_seed(cfg.seed, 2, "reinit")).state_dict()              # redrawn at step 2
+    assert all(torch.equal(v, drawn[k]) for k, v in S.state_dict().items())
+    with pytest.raises(ValueError, match="segmenter_state must be one of"):
+        train_maml(G, A, S, lab, cfg.replace(segmenter_state="frozen"), progress=False)

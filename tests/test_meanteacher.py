@@ -131,3 +131,15 @@ def test_refused_calls_and_a_nan_stop_leave_the_run_as_it_was(data, tmp_path, un
     with unchanged(run), pytest.raises(FloatingPointError, match=r"mean teacher: the student's \S+ became NaN or "
                                        "infinite between steps 3 and 3 while the losses stayed finite"):
         train_mean_teacher(student, labelled, unlabelled, 6, config=cfg, out_dir=run, resume=True, progress=False)
+
+
+def test_bf16_losses_stay_close_to_fp32(data):
+    labelled, pool = data
+    hist = {p: train_mean_teacher(_fresh(), labelled, pool, 4, config=CFG, precision=p, progress=False).history
+            for p in ("fp32", "bf16")}
+    sup = {p: [r["sup_loss"] for r in h] for p, h in hist.items()}
+    cons = {p: [r["consistency"] for r in h] for p, h in hist.items()}
+    assert sup["bf16"] != sup["fp32"] and sup["bf16"] == pytest.approx(sup["fp32"], rel=0.05)   # losses ~1.2
+    assert cons["bf16"] == pytest.approx(cons["fp32"], abs=1e-3)                                  # MSEs ~3e-3
+    with pytest.raises(ValueError, match="precision must be 'fp32' or 'bf16'"):
+        train_mean_teacher(_fresh(), labelled, pool, 1, config=CFG, precision="fp16", progress=False)
