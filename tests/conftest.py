@@ -1,5 +1,6 @@
-"""Helpers shared by the tests. The bad-input tests of issue 14 check that a refused call leaves an existing run as it
-was: `unchanged(folder)` snapshots every file under `folder` (path and bytes) and compares after the block."""
+"""Helpers shared by the tests. The bad-input tests check that a refused call leaves an existing run as it was:
+`unchanged(folder)` snapshots every file under `folder` (path and bytes) and compares after the block;
+`nan_gradient(parameter, call)` makes one gradient of a parameter NaN, as a run that goes wrong mid-way."""
 import contextlib
 from pathlib import Path
 
@@ -33,3 +34,18 @@ def snapshot():
 def unchanged():
     "`with unchanged(folder), pytest.raises(...): ...` asserts that no file under `folder` was added, removed, changed."
     return _unchanged
+
+
+def _nan_gradient(parameter, call: int = 2):
+    "Make the `call`-th gradient accumulated into `parameter` NaN (a finite loss with a non-finite update)."
+    calls = []
+    def poison(p):
+        calls.append(1)
+        if len(calls) == call: p.grad.mul_(float("nan"))
+    parameter.register_post_accumulate_grad_hook(poison)
+
+
+@pytest.fixture
+def nan_gradient():
+    "`nan_gradient(parameter, call=2)`: the `call`-th gradient of `parameter` becomes NaN."
+    return _nan_gradient

@@ -228,15 +228,11 @@ def test_class_counts_are_checked_before_anything_runs(setup, tmp_path, unchange
             train_gradient_matching(G, A, S, labelled, GMConfig(steps=4), out_dir=run, resume=True, progress=False)
 
 
-def test_a_nan_gradient_stops_the_run_before_its_checkpoint(setup, tmp_path, unchanged):
+def test_a_nan_gradient_stops_the_run_before_its_checkpoint(setup, tmp_path, unchanged, nan_gradient):
     G, lab = setup
     run = _finished(G, lab, tmp_path)
     A, S = _nets(G)
-    calls = []
-    def poison(p):      # the segmenter's own update at step 4 (a checkpoint step) gets a NaN gradient
-        calls.append(1)
-        if len(calls) == 2: p.grad.mul_(float("nan"))
-    S.outc.conv.weight.register_post_accumulate_grad_hook(poison)
+    nan_gradient(S.outc.conv.weight, call=2)    # the segmenter's own update at step 4 (a checkpoint step)
     with unchanged(run), pytest.raises(FloatingPointError, match=r"gradient matching: the segmenter's outc.conv.weight "
                                        "became NaN or infinite between steps 3 and 4 while the losses stayed finite"):
         train_gradient_matching(G, A, S, lab, GMConfig(steps=6, checkpoint_every=2), out_dir=run, resume=True,

@@ -161,7 +161,7 @@ def test_step_cost(G, lab):
     with pytest.raises(ValueError, match="kind"): step_cost("dc", G, *_nets(G), lab, GMConfig())
 
 
-def test_refused_calls_and_a_nan_stop_leave_the_run_as_it_was(G, lab, tmp_path, unchanged):
+def test_refused_calls_and_a_nan_stop_leave_the_run_as_it_was(G, lab, tmp_path, unchanged, nan_gradient):
     run = tmp_path / "run"
     train_maml(G, *_nets(G), lab, MAMLConfig(steps=2, checkpoint_every=2), out_dir=run, progress=False)
     cfg = MAMLConfig(steps=4, checkpoint_every=2)
@@ -176,11 +176,7 @@ def test_refused_calls_and_a_nan_stop_leave_the_run_as_it_was(G, lab, tmp_path, 
         with unchanged(run), pytest.raises(error, match=message):
             train_maml(G, *networks, labelled, cfg, out_dir=run, resume=True, progress=False)
     A, S = _nets(G)
-    calls = []
-    def poison(p):      # the segmenter's own update at step 4 (a checkpoint step) gets a NaN gradient
-        calls.append(1)
-        if len(calls) == 2: p.grad.mul_(float("nan"))
-    S.outc.conv.weight.register_post_accumulate_grad_hook(poison)
+    nan_gradient(S.outc.conv.weight, call=2)    # the segmenter's own update at step 4 (a checkpoint step)
     with unchanged(run), pytest.raises(FloatingPointError, match=r"1-step MAML: the segmenter's outc.conv.weight "
                                        "became NaN or infinite between steps 3 and 4"):
         train_maml(G, A, S, lab, cfg.replace(steps=6), out_dir=run, resume=True, progress=False)
