@@ -838,6 +838,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'lagm_nb.train._pixel_logits': ('train.html#_pixel_logits', 'lagm_nb/train.py'),
                                'lagm_nb.train._resume': ('train.html#_resume', 'lagm_nb/train.py'),
                                'lagm_nb.train._training_pixels': ('train.html#_training_pixels', 'lagm_nb/train.py'),
+                               'lagm_nb.train.alternate': ('train.html#alternate', 'lagm_nb/train.py'),
                                'lagm_nb.train.annotate': ('train.html#annotate', 'lagm_nb/train.py'),
                                'lagm_nb.train.annotator_step': ('train.html#annotator_step', 'lagm_nb/train.py'),
                                'lagm_nb.train.check_labelled': ('train.html#check_labelled', 'lagm_nb/train.py'),

@@ -5,20 +5,20 @@ matching, the baseline of Table C.7; the interface, logs and resume of Algorithm
 
 # %% ../nbs/14_maml.ipynb #m0imprt
 from __future__ import annotations
-import dataclasses, sys, time
+import dataclasses, sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import ClassVar
 import torch
 from torch import nn
 from torch.func import functional_call
-from tqdm.auto import tqdm
-from .core import FiniteGuard, RunDir, default_device, fingerprint, load_state_dict_checked, step_seed
+from .core import RunDir, default_device, fingerprint, load_state_dict_checked, step_seed
 from .datasets import BatchSource, LabelledImages, resize_pair
 from .generators import FeatureGenerator
 from .gradmatch import segmentation_loss, select_parameters
 from .train import (
-    _RESTARTABLE, GMConfig, GMResult, annotate, check_labelled, check_segmenter_state, evaluate_run, labelled_batch,
-    make_optimizer, precision_context, train_gradient_matching, update_annotator, update_segmenter)
+    _RESTARTABLE, GMConfig, GMResult, alternate, annotate, check_labelled, check_segmenter_state, labelled_batch,
+    make_optimizer, precision_context, train_gradient_matching, update_annotator)
 
 # %% auto #0
 __all__ = ['MAML_PRESETS', 'MAMLConfig', 'simulated_sgd', 'maml_meta_loss', 'maml_annotator_step', 'train_maml', 'step_cost']
@@ -95,7 +95,8 @@ def _start_maml_run(generator, annotator, segmenter, labelled, source, cfg: MAML
 def train_maml(generator: FeatureGenerator, annotator: nn.Module, segmenter: nn.Module,
                labelled: LabelledImages | BatchSource, config: MAMLConfig | None = None, *,
                val: LabelledImages | None = None, annotator_val: tuple | None = None, out_dir: str | Path | None = None,
-               resume: bool = False, overwrite: bool = False, device=None, progress: bool = True) -> GMResult:
+               resume: bool = False, overwrite: bool = False, device=None, progress: bool = True,
+               callbacks: Sequence[Callable] = ()) -> GMResult:
     "Algorithm 2 of the paper: learn `annotator` by K-step MAML while `segmenter` trains on its labels."
     cfg, device = config or MAMLConfig(), default_device(device)
     if not isinstance(cfg, MAMLConfig): raise TypeError(f"config must be a MAMLConfig, not {type(cfg).__name__}")
@@ -104,29 +105,9 @@ def train_maml(generator: FeatureGenerator, annotator: nn.Module, segmenter: nn.
     generator.to(device); annotator.to(device); segmenter.to(device)
     run, opt_a, opt_s, start = _start_maml_run(generator, annotator, segmenter, labelled, source, cfg, out_dir, resume,
                                                overwrite, device)
-    guard = FiniteGuard(f"{cfg.inner_steps}-step MAML", start)
-    elapsed0, t0 = max([r["time"] for r in run.history if "time" in r], default=0.0), time.perf_counter()
-    bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, disable=not progress,
-               desc=f"{cfg.inner_steps}-step MAML")
-    for t in bar:                                                                                   # line 1
-        torch.manual_seed(step_seed(cfg.seed, t, "torch"))
-        loss = maml_annotator_step(generator, annotator, segmenter, opt_a, labelled, cfg, t, device)   # lines 2-10
-        seg_loss = update_segmenter(generator, annotator, segmenter, opt_s, cfg, t)                  # lines 11-13
-        elapsed = elapsed0 + time.perf_counter() - t0
-        guard.watch(loss, seg_loss)
-        if t % cfg.log_every == 0 or t % cfg.checkpoint_every == 0 or t == cfg.steps:
-            guard.check(t, annotator=annotator, segmenter=segmenter)
-        if t % cfg.log_every == 0 or t == cfg.steps:
-            run.record({"step": t, "meta_loss": loss.item(), "seg_loss": None if seg_loss is None else seg_loss.item(),
-                        "time": elapsed})
-            bar.set_postfix(meta_loss=f"{loss.item():.3f}")
-        if (t % cfg.eval_every == 0 or t == cfg.steps) and (val is not None or annotator_val is not None):
-            run.record({"step": t, "time": elapsed, **evaluate_run(generator, annotator, segmenter, cfg, val,
-                                                                   annotator_val)})
-        if t % cfg.checkpoint_every == 0 or t == cfg.steps:
-            run.save({"step": t, "annotator": annotator.state_dict(), "segmenter": segmenter.state_dict(),
-                      "opt_annotator": opt_a.state_dict(), "opt_segmenter": opt_s.state_dict()})
-    return GMResult(annotator, segmenter, run.history, run.dir)
+    step = lambda t: maml_annotator_step(generator, annotator, segmenter, opt_a, labelled, cfg, t, device)  # 2-10
+    return alternate(f"{cfg.inner_steps}-step MAML", "meta_loss", step, generator, annotator, segmenter, opt_a, opt_s,
+                     run, start, cfg, val, annotator_val, progress, callbacks)          # lines 11-13: the segmenter
 
 # %% ../nbs/14_maml.ipynb #m6costc
 def _peak_rss_bytes() -> int:

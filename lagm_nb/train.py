@@ -24,7 +24,7 @@ from .metrics import confusion_matrix, evaluate_segmenter, scores
 __all__ = ['PRESETS', 'PRECISIONS', 'SEGMENTER_STATES', 'GMConfig', 'evaluate_annotator', 'rank_share', 'labelled_batch',
            'generated_batch', 'precision_context', 'annotate', 'update_annotator', 'annotator_step', 'segmenter_step',
            'check_segmenter_state', 'update_segmenter', 'GMResult', 'make_optimizer', 'evaluate_run', 'check_labelled',
-           'run_settings', 'train_gradient_matching', 'fit_annotator']
+           'run_settings', 'alternate', 'train_gradient_matching', 'fit_annotator']
 
 # %% ../nbs/09_train.ipynb #2f4cb78e
 PRESETS: dict[str, dict] = {"paper": {}}
@@ -224,6 +224,37 @@ def _resume(state: dict | None, run: RunDir, annotator, segmenter, opt_a, opt_s)
     opt_a.load_state_dict(state["opt_annotator"]); opt_s.load_state_dict(state["opt_segmenter"])
     return state["step"]
 
+# %% ../nbs/09_train.ipynb #71460a11
+def alternate(name: str, loss_key: str, annotator_update: Callable[[int], torch.Tensor], generator, annotator,
+              segmenter, opt_a, opt_s, run: RunDir, start: int, cfg: GMConfig, val=None, annotator_val=None,
+              progress: bool = True, callbacks: Sequence[Callable] = ()) -> GMResult:
+    "Steps `start + 1`..`cfg.steps` of the annotator's update, then the segmenter's: the log, checks and checkpoints."
+    elapsed0, t0 = max([r["time"] for r in run.history if "time" in r], default=0.0), time.perf_counter()
+    guard, networks = FiniteGuard(name, start), dict(generator=generator, annotator=annotator, segmenter=segmenter)
+    bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, disable=not progress, desc=name)
+    for t in bar:                                                                    # line 1
+        torch.manual_seed(step_seed(cfg.seed, t, "torch"))
+        loss = annotator_update(t)
+        seg_loss = update_segmenter(generator, annotator, segmenter, opt_s, cfg, t)
+        elapsed = elapsed0 + time.perf_counter() - t0
+        guard.watch(loss, seg_loss)
+        if t % cfg.log_every == 0 or t % cfg.checkpoint_every == 0 or t == cfg.steps:
+            guard.check(t, annotator=annotator, segmenter=segmenter)
+        if t % cfg.log_every == 0 or t == cfg.steps:
+            run.record({"step": t, loss_key: loss.item(), "seg_loss": None if seg_loss is None else seg_loss.item(),
+                        "time": elapsed})
+            bar.set_postfix({loss_key: f"{loss.item():.3f}"})
+            notify(callbacks, "log", run.history[-1], **networks)
+        evaluating = run.writes and (val is not None or annotator_val is not None)    # rank 0 validates
+        if evaluating and (t % cfg.eval_every == 0 or t == cfg.steps):
+            run.record({"step": t, "time": elapsed, **evaluate_run(generator, annotator, segmenter, cfg, val,
+                                                                   annotator_val)})
+            notify(callbacks, "eval", run.history[-1], **networks)
+        if t % cfg.checkpoint_every == 0 or t == cfg.steps:
+            run.save({"step": t, "annotator": annotator.state_dict(), "segmenter": segmenter.state_dict(),
+                      "opt_annotator": opt_a.state_dict(), "opt_segmenter": opt_s.state_dict()})
+    return GMResult(annotator, segmenter, run.history, run.dir)
+
 # %% ../nbs/09_train.ipynb #f9bb6208
 def train_gradient_matching(generator: FeatureGenerator, annotator: nn.Module, segmenter: nn.Module,
                             labelled: LabelledImages | BatchSource, config: GMConfig | None = None, *,
@@ -243,32 +274,9 @@ def train_gradient_matching(generator: FeatureGenerator, annotator: nn.Module, s
     run = RunDir(out_dir, "gm_run", run_settings(cfg, data), _RESTARTABLE,
                  defaults={**type(cfg)().to_dict(), "labelled_batches": source})
     start = _resume(run.start(resume, overwrite, map_location=device), run, annotator, segmenter, opt_a, opt_s)
-    elapsed0, t0 = max([r["time"] for r in run.history if "time" in r], default=0.0), time.perf_counter()
-    guard = FiniteGuard("gradient matching", start)
-    bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, disable=not progress,
-               desc="gradient matching")
-    for t in bar:                                                                    # line 1
-        torch.manual_seed(step_seed(cfg.seed, t, "torch"))
-        loss = annotator_step(gm, generator, annotator, opt_a, labelled, cfg, t, device)           # lines 2-7
-        seg_loss = update_segmenter(generator, annotator, segmenter, opt_s, cfg, t)                 # lines 8-12
-        elapsed = elapsed0 + time.perf_counter() - t0
-        guard.watch(loss, seg_loss)
-        if t % cfg.log_every == 0 or t % cfg.checkpoint_every == 0 or t == cfg.steps:
-            guard.check(t, annotator=annotator, segmenter=segmenter)
-        if t % cfg.log_every == 0 or t == cfg.steps:
-            run.record({"step": t, "gm_loss": loss.item(), "seg_loss": None if seg_loss is None else seg_loss.item(),
-                        "time": elapsed})
-            bar.set_postfix(gm_loss=f"{loss.item():.3f}")
-            notify(callbacks, "log", run.history[-1], generator=generator, annotator=annotator, segmenter=segmenter)
-        evaluating = run.writes and (val is not None or annotator_val is not None)    # rank 0 validates
-        if evaluating and (t % cfg.eval_every == 0 or t == cfg.steps):
-            scored = evaluate_run(generator, annotator, segmenter, cfg, val, annotator_val)
-            run.record({"step": t, "time": elapsed, **scored})
-            notify(callbacks, "eval", run.history[-1], generator=generator, annotator=annotator, segmenter=segmenter)
-        if t % cfg.checkpoint_every == 0 or t == cfg.steps:
-            run.save({"step": t, "annotator": annotator.state_dict(), "segmenter": segmenter.state_dict(),
-                      "opt_annotator": opt_a.state_dict(), "opt_segmenter": opt_s.state_dict()})
-    return GMResult(annotator, segmenter, run.history, run.dir)
+    step = lambda t: annotator_step(gm, generator, annotator, opt_a, labelled, cfg, t, device)      # lines 2-7
+    return alternate("gradient matching", "gm_loss", step, generator, annotator, segmenter, opt_a, opt_s, run, start,
+                     cfg, val, annotator_val, progress, callbacks)
 
 # %% ../nbs/09_train.ipynb #ea571014
 def _training_pixels(annotator: PixelMLPAnnotator, feats: list[torch.Tensor], labels: torch.Tensor) -> tuple:
