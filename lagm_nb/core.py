@@ -64,11 +64,13 @@ class CheckpointError(RuntimeError):
 
 _REDO = "delete it and start again, or pass the file that the right run wrote"
 
+# %% ../nbs/00_core.ipynb #08202442
 def load_error(e: Exception) -> str:
     "What `torch.load(..., weights_only=True)` failed with, without torch's advice to load the file unsafely."
     unsafe = isinstance(e, pickle.UnpicklingError) or "weights_only" in str(e)
     return type(e).__name__ if unsafe else f"{type(e).__name__}: {e}"
 
+# %% ../nbs/00_core.ipynb #08202445
 def save_checkpoint(obj: dict, path: str | Path, kind: str) -> Path:
     "Write `obj` (a dict) to `path` atomically, tagged with `kind`."
     path = Path(path)
@@ -84,6 +86,7 @@ def save_checkpoint(obj: dict, path: str | Path, kind: str) -> Path:
         raise
     return path
 
+# %% ../nbs/00_core.ipynb #08202448
 def load_checkpoint(path: str | Path, kind: str, map_location="cpu") -> dict:
     "Load a checkpoint written by `save_checkpoint`, checking that it is of `kind`."
     path = Path(path)

@@ -63,6 +63,7 @@ def resolve_layers(model: nn.Module, layers: str | Sequence[str]) -> list[str]:
         picked += [h for h in hits if h not in picked]
     return [n for n in names if n in picked]
 
+# %% ../nbs/03_generators.ipynb #9ef3f4c8
 class HookedGenerator(FeatureGenerator):
     "Wrap any torch generator `G`, collecting the outputs of the modules named in `layers` as features."
     def __init__(self, G: nn.Module, layers: str | Sequence[str], z_dim: int | Sequence[int],
@@ -142,6 +143,7 @@ class DCGAN(nn.Module):
             x = getattr(self, f"relu{i}")(getattr(self, f"batchNorm{i}")(getattr(self, f"convTr{i}")(x)))
         return torch.tanh(getattr(self, f"convTr{self.n_up+1}")(x))
 
+# %% ../nbs/03_generators.ipynb #6eb5dcf9
 def init_dcgan_(model: nn.Module, seed: int = 0) -> nn.Module:
     "DCGAN's initialisation: conv weights N(0, 0.02), BatchNorm weights N(1, 0.02) and biases 0."
     g = torch.Generator().manual_seed(seed)
@@ -153,6 +155,7 @@ def init_dcgan_(model: nn.Module, seed: int = 0) -> nn.Module:
                 m.weight.copy_(1 + torch.randn(m.weight.shape, generator=g) * 0.02); m.bias.zero_()
     return model
 
+# %% ../nbs/03_generators.ipynb #6eb5dcfc
 @torch.no_grad()
 def calibrate_batchnorm_(model: nn.Module, z: torch.Tensor) -> nn.Module:
     "Set every BatchNorm's running statistics to the batch statistics of `model(z)`, as training would have."
