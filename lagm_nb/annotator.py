@@ -63,6 +63,7 @@ def upsampled_features(features: Sequence[torch.Tensor], image_size: tuple[int, 
     "All feature maps bilinearly upsampled to `image_size` and concatenated: [N, sum C_i, H, W]."
     return torch.cat([F.interpolate(f, size=image_size, mode="bilinear", align_corners=False) for f in features], 1)
 
+# %% ../nbs/05_annotator.ipynb #947fe5b9
 class PixelMLPAnnotator(nn.Module):
     "DatasetGAN's annotator: an ensemble of per-pixel MLPs on upsampled, concatenated features."
     def __init__(self, feature_shapes: Sequence[tuple[int, int, int]], n_classes: int,

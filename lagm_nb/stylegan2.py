@@ -142,6 +142,7 @@ def normalize_2nd_moment(x: torch.Tensor, dim: int = 1, eps: float = 1e-8) -> to
     "Scale `x` to unit mean square along `dim`."
     return x * (x.square().mean(dim=dim, keepdim=True) + eps).rsqrt()
 
+# %% ../nbs/04_stylegan2.ipynb #203aa21d
 class MappingNetwork(nn.Module):
     "z [N, z_dim] -> ws [N, num_ws, w_dim]: normalise, `num_layers` FC layers, broadcast, truncate towards `w_avg`."
     def __init__(self, z_dim: int, c_dim: int, w_dim: int, num_ws: int, num_layers: int = 8,
@@ -367,6 +368,7 @@ class Conv2dLayer(nn.Module):
         clamp = None if self.conv_clamp is None else self.conv_clamp * gain
         return bias_act(x, self.bias, self.activation, act_gain, clamp)
 
+# %% ../nbs/04_stylegan2.ipynb #339f01e9
 class DiscriminatorBlock(nn.Module):
     "Residual block at one resolution: (fromrgb at the top) -> conv0 -> conv1 (down 2), plus a 1x1 down-sampling skip."
     def __init__(self, in_channels: int, tmp_channels: int, out_channels: int, resolution: int, img_channels: int,
@@ -424,6 +426,7 @@ class DiscriminatorEpilogue(nn.Module):
         if self.mbstd is not None: x = self.mbstd(x)
         return self.out(self.fc(self.conv(x).flatten(1)))
 
+# %% ../nbs/04_stylegan2.ipynb #092a3f3c
 class Discriminator(nn.Module):
     """StyleGAN2 residual discriminator: images [N, img_channels, R, R] -> logits [N, 1]; blocks `b{R}` ... `b8`, head
     `b4`."""
