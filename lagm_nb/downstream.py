@@ -63,6 +63,7 @@ def labelled_batches(data: LabelledImages, batch_size: int = 8, augmented: bool 
     batch.__fingerprint__ = lambda: ("labelled_batches", data, batch_size, augmented, seed)
     return batch
 
+# %% ../nbs/10_downstream.ipynb #d99884dc
 @torch.no_grad()
 def synthetic_batches(generator: FeatureGenerator, annotator: nn.Module, n_images: int = 10_000, batch_size: int = 8,
                       soft: bool = True, temperature: float = 1.0, seed: int = 0, progress: bool = True) -> BatchSource:
@@ -82,6 +83,7 @@ def synthetic_batches(generator: FeatureGenerator, annotator: nn.Module, n_image
         return x, (q if soft else q.argmax(1))
     return batch
 
+# %% ../nbs/10_downstream.ipynb #d99884df
 def dataset_batches(dataset: torch.utils.data.Dataset, batch_size: int = 8, seed: int = 0, device=None) -> BatchSource:
     "Batches of `batch_size` random items (drawn with replacement) of a `Dataset` of (image, label) pairs."
     if len(dataset) == 0: raise ValueError("the dataset is empty; export or add images to it first")

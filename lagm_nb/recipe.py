@@ -94,6 +94,7 @@ class RecipeResult:
     recipe: str                          # and its name (`recipe_name`)
     match_dir: Path | None = None
 
+# %% ../nbs/11_recipe.ipynb #aebe964b
 _STAGE_FIELDS = {"pretrain": ["pretrain_steps", "pretrain_batch_size", "pretrain_lr", "pretrain_keep", "seed",
                               "precision"],
                  "warm": ["warm_start_images", "warm_start_steps", "precision"]}
@@ -106,6 +107,7 @@ def _stage_keys(cfg: RecipeConfig, *things) -> tuple[str, str, str]:
     key_warm = fingerprint(key_pre, stage("warm"))
     return key_pre, key_warm, fingerprint(key_warm, cfg.matching().changes(), cfg.augment_labelled)
 
+# %% ../nbs/11_recipe.ipynb #aebe964e
 def _pretrain(segmenter, labelled, cfg: RecipeConfig, val, pre_dir, device, progress) -> float:
     "Stage 1: supervised pre-training of the matching segmenter; returns its minutes (as recorded when it ran)."
     t0 = time.perf_counter()
@@ -122,6 +124,7 @@ def _pretrain(segmenter, labelled, cfg: RecipeConfig, val, pre_dir, device, prog
         write_text_atomic(record, json.dumps({"minutes": minutes}))
     return minutes
 
+# %% ../nbs/11_recipe.ipynb #aebe9650
 def learn_annotator(generator: FeatureGenerator, annotator: nn.Module, segmenter: nn.Module,
                     labelled: LabelledImages, config: RecipeConfig | None = None, *, val: LabelledImages | None = None,
                     annotator_val: tuple[torch.Tensor, torch.Tensor] | None = None, cache_dir: str | Path | None = None,
