@@ -133,6 +133,7 @@ def cmd_learn(args) -> str:
                          "minutes": result.minutes})
     return f"annotator ({len(labelled)} labelled images, recipe {recipe_name}) written to {out}"
 
+# %% ../nbs/18_cli.ipynb #c1000012b
 def learn_recipe(args) -> tuple[str, RecipeConfig]:
     "The name and settings of `learn`'s recipe: `--recipe` (default cpu) or `--paper-config`'s, with the overrides."
     if args.recipe and args.paper_config: raise ValueError("give --recipe or --paper-config, not both")
@@ -143,6 +144,7 @@ def learn_recipe(args) -> tuple[str, RecipeConfig]:
     else: name = args.recipe or "cpu"; recipe = RecipeConfig.preset(name)
     return name, recipe.replace(**{k: v for k, v in changes.items() if v is not None})
 
+# %% ../nbs/18_cli.ipynb #c1000012e
 def cmd_export(args) -> str:
     spec = args.generator or load_checkpoint(args.annotator, "annotator")["info"].get("generator")
     if spec is None: raise ValueError(f"{args.annotator} does not record its generator's name; pass --generator")

