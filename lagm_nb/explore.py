@@ -191,6 +191,7 @@ def explorer_controls(generators: Sequence[str], annotators: Sequence[str], seed
     for name, w in c.items(): w.add_class(f"lagm-explorer-{name}")
     return c
 
+# %% ../nbs/19_explore.ipynb #ex000022c
 def class_legend(names: Sequence[str], colours: Sequence[tuple[int, int, int]]) -> tuple[list, list]:
     "The class toggles (a check box per class) and the legend (each toggle after a swatch of its colour, in an HBox)."
     toggles = [widgets.Checkbox(True, description=n, indent=False, layout=widgets.Layout(width="auto")) for n in names]
@@ -200,6 +201,7 @@ def class_legend(names: Sequence[str], colours: Sequence[tuple[int, int, int]]) 
     for i, b in enumerate(boxes): b.add_class(f"lagm-explorer-class-{i}")
     return toggles, boxes
 
+# %% ../nbs/19_explore.ipynb #ex000022f
 def explorer_layout(c: dict[str, widgets.Widget]) -> widgets.VBox:
     "The controls, the overlay picture, the feature-map pickers and picture, and the status line, top to bottom."
     rows = [widgets.HBox([c["generator"], c["annotator"], c["compare"], c["versus"]]),
@@ -373,6 +375,7 @@ def _plot_losses(ax, history: list[dict]):
     ax.set(xlabel="step", title="losses")
     if ax.lines: ax.legend(fontsize=7, loc="upper right")
 
+# %% ../nbs/19_explore.ipynb #ex000034f
 def _plot_ious(ax, history: list[dict], names: list[str], colours: list[tuple[int, int, int]]):
     for (prefix, cls), (steps, values) in _iou_curves(history).items():
         i = int(cls) if cls.isdigit() else names.index(cls) if cls in names else 0
@@ -382,6 +385,7 @@ def _plot_ious(ax, history: list[dict], names: list[str], colours: list[tuple[in
     ax.set(xlabel="step", ylabel="IoU (%)", title="validation IoU per class")
     if ax.lines: ax.legend(fontsize=6, ncol=2, loc="lower right")
 
+# %% ../nbs/19_explore.ipynb #ex000034i
 def _plot_frames(ax, images: torch.Tensor, frames: list[tuple[int, torch.Tensor]], colours):
     grids = [image_grid(images, len(images))] + [image_grid(blend_labels(images, labels, colours, 1.0), len(images))
                                                  for _, labels in frames]
@@ -389,6 +393,7 @@ def _plot_frames(ax, images: torch.Tensor, frames: list[tuple[int, torch.Tensor]
     ax.set_yticks([grids[0].shape[0] * (i + 0.5) for i in range(len(grids))],
                   ["images"] + [f"step {step}" for step, _ in frames], fontsize=8)
 
+# %% ../nbs/19_explore.ipynb #ex000034l
 def dashboard_figure(history: list[dict], frames: list[tuple[int, torch.Tensor]], images: torch.Tensor | None,
                      classes: Sequence[str] | None = None, colours=None, rows: int = 4) -> Figure:
     "Losses, per-class validation IoU, and `images` with up to `rows` of the `frames` (first to last) below them."

@@ -184,6 +184,7 @@ def datasetgan_files(folder: Path, split: str, n_images: int) -> list[tuple[str,
     if sorted(names) != names: raise ValueError(f"{folder}: the file stems sort otherwise than the files; rename them")
     return list(zip(names, images, labels))
 
+# %% ../nbs/20_loaders.ipynb #ld000016c
 def datasetgan(root: str | Path, dataset: str, split: str = "test", size: int | tuple[int, int] | None = None,
                n_images: int | None = None) -> LabelledImages:
     "DatasetGAN's `face-34`, `cat-16` or `car-20`: the first `n_images` training images, or the test images in order."
@@ -324,6 +325,7 @@ def pascal_patches(root: Path, parts_dir: Path, category: str, voc_split: str, s
             images.append(image_k); masks.append(labels_k); names.append(f"{image_id}_{k}")
     return images, masks, names
 
+# %% ../nbs/20_loaders.ipynb #ld000025b
 def pascal_part(root: str | Path, category: str, split: str = "train", size: int | tuple[int, int] = 256,
                 parts_dir: str | Path | None = None, n_train: int = 180, min_side: int | None = None,
                 max_iou: float = 0.05, overlap: str = "same", ignore_index: int = 255) -> LabelledImages:
@@ -396,6 +398,7 @@ LOADERS: dict[str, Callable[..., LabelledImages]] = {"celebamask_hq": celebamask
 PAPER_MATCH = {"deeplabv3_resnet101": "head", "unet": "all"}    # matched parameters per segmenter (Appendix B)
 STYLEGAN2_LAYERS = r"synthesis\.b\d+"
 
+# %% ../nbs/20_loaders.ipynb #ld000035c
 @dataclasses.dataclass(frozen=True)
 class PaperConfig:
     "One dataset's setting in the paper: data (loader, resolution, classes), generator, segmenter and recipe."
@@ -460,6 +463,7 @@ PAPER_CONFIGS = {c.name: c for c in [
     _config("cgpart-car", "cgpart_car", {}, 512, CGPART_CAR_CLASSES, (1000,), "none",
             "StyleGAN2", "stylegan2-car-config-f.pkl", 8)]}
 
+# %% ../nbs/20_loaders.ipynb #ld000036c
 def paper_config(name: str, segmenter: str | None = None) -> PaperConfig:
     "The paper's configuration `name` (a key of PAPER_CONFIGS), optionally with another segmenter ('unet')."
     if name not in PAPER_CONFIGS:
