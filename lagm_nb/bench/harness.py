@@ -161,7 +161,7 @@ SMOKE = dict(width=4, annotator_width=8, gm_steps=3, datasetgan_steps=3, segment
              oracle_steps=3, n_synthetic=16, inversion_steps=3, inversion_fit_steps=3, n_unlabelled=16, smoke=True,
              n_val=8, n_test=8)
 FULL = dict(inversion_restarts=3)    # the inversion baseline at its strongest: the best of 3 starts per image
-PROFILES = ("smoke", "default", "full")
+PROFILES = ("smoke", "default", "full", "extended")
 
 # %% ../../nbs/bench/00_harness.ipynb #4a7e0016
 @dataclasses.dataclass
@@ -174,8 +174,8 @@ class ProfileConfig(Config):
     @classmethod
     def preset(cls, profile: str = "default", **overrides):
         if profile not in PROFILES: raise ValueError(f"unknown profile {profile!r}; choose one of {list(PROFILES)}")
-        return cls.from_dict({**cls.base_profiles.get(profile, {}), **cls.profiles.get(profile, {}), **overrides,
-                              "profile": profile})
+        own = cls.profiles.get(profile, cls.profiles.get("full", {}) if profile == "extended" else {})
+        return cls.from_dict({**cls.base_profiles.get(profile, {}), **own, **overrides, "profile": profile})
 
     def command(self, notebook: str, overrides: dict | None = None) -> str:
         "The command that reruns `notebook` with these settings (for the tables' 'Produced by' line)."
@@ -188,7 +188,7 @@ class ExperimentConfig(ProfileConfig, RowSettings):
     "A benchmark experiment's settings: `RowSettings`, validation and test sizes, and its own fields."
     n_val: int | None = None          # validation images per source (None: the benchmark's whole split)
     n_test: int | None = None         # test images (None: the whole split)
-    base_profiles: ClassVar[dict[str, dict]] = {"smoke": SMOKE, "full": FULL}
+    base_profiles: ClassVar[dict[str, dict]] = {"smoke": SMOKE, "full": FULL, "extended": FULL}
 
     def row_settings(self) -> RowSettings:
         "The `RowSettings` part of these settings (what a run in a fresh process needs)."

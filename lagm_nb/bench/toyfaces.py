@@ -416,7 +416,7 @@ class ToyFacesExperiment(ExperimentConfig):
     pool_size: int = 1000          # labelled faces are drawn from the first pool_size faces of the pool split
     truncation_psi: float = 1.0    # truncation of the annotated generator (1: none, as the domain FID was measured)
     gan_dir: str | None = None     # the snapshots and their manifest (None: the package's, or the smoke GAN)
-    base_profiles: ClassVar[dict[str, dict]] = {"smoke": {**SMOKE, "pool_size": 64}, "full": FULL}
+    base_profiles: ClassVar[dict[str, dict]] = {"smoke": {**SMOKE, "pool_size": 64}, "full": FULL, "extended": FULL}
 
     def benchmark(self, work_dir: str | Path) -> Benchmark:
         "The toy-face benchmark of these settings (the smoke profile's tiny GAN is trained in `work_dir`)."
