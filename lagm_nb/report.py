@@ -21,10 +21,10 @@ __all__ = ['CLAIM_COLUMNS', 'markdown_table', 'save_table', 'class_colormap', 'l
 
 # %% ../nbs/13_report.ipynb #9b7f6424
 def markdown_table(rows: list[dict], floatfmt: str = ".2f") -> str:
-    "A GitHub Markdown table of `rows` (dicts with the same keys); floats formatted with `floatfmt`."
+    "A GitHub Markdown table of `rows` (the columns of all of them, in order); floats formatted with `floatfmt`."
     if not rows: return "(no rows)\n"
-    cols = list(rows[0])
-    fmt = lambda v: format(v, floatfmt) if isinstance(v, float) else str(v)
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    fmt = lambda v: format(v, floatfmt) if isinstance(v, float) else "" if v is None else str(v)
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
     return "\n".join(lines) + "\n"

@@ -35,10 +35,10 @@ __all__ = ['STAGE_VERSIONS', 'SMOKE', 'FULL', 'PROFILES', 'MONITORING', 'RESULT_
            'maml_annotator', 'inverted_annotator', 'load_annotator', 'load_segmenter', 'supervised_segmenter',
            'oracle_segmenter', 'mean_teacher_segmenter', 'downstream_segmenter', 'segmenter_scores', 'annotator_scores',
            'parse_method', 'row_annotator', 'run_row', 'mean_std', 'summarize', 'results_frame', 'annotator_study',
-           'seconds_per_gm_step', 'seconds_per_segmenter_step', 'paper_scale_networks', 'benchmark_step', 'fit_memory',
-           'available_memory_bytes', 'in_subprocess', 'pixel_feature_bytes', 'draw_latents', 'annotator_labels',
-           'label_frames', 'frame_scores', 'with_generated_source', 'recipe_step_seconds', 'method_results',
-           'grid_rows', 'row_segmenter', 'settings_note', 'save_results']
+           'seconds_per_gm_step', 'seconds_per_segmenter_step', 'paper_scale_networks', 'benchmark_step', 'MemoryWatch',
+           'fit_memory', 'available_memory_bytes', 'in_subprocess', 'pixel_feature_bytes', 'feature_bytes',
+           'draw_latents', 'annotator_labels', 'label_frames', 'frame_scores', 'with_generated_source',
+           'recipe_step_seconds', 'method_results', 'grid_rows', 'row_segmenter', 'settings_note', 'save_results']
 
 # %% ../../nbs/bench/00_harness.ipynb #4a7e0006
 def draw_indices(pool_size: int, n: int, seed: int) -> list[int]:
@@ -578,17 +578,43 @@ def benchmark_step(size: int, segmenter: str = "unet", match: str = "head", prec
     return {"size": size, "segmenter": segmenter, "match": match, "precision": precision, "kind": kind,
             **({"inner_steps": inner_steps} if kind == "maml" else {}), **cost}
 
+class MemoryWatch:
+    """Peak memory growth over a block: CUDA's peak allocation on a GPU; on a CPU the process's resident memory,
+    sampled every `every` seconds by a thread (a lifetime peak, `ru_maxrss`, misses a block smaller than what came
+    before it)."""
+    def __init__(self, device=None, every: float = 0.002): self.device, self.every = default_device(device), every
+
+    def _rss(self) -> int:
+        statm = Path("/proc/self/statm")
+        return int(statm.read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") if statm.exists() else _peak_rss_bytes()
+
+    def _sample(self):
+        while not self._stop.wait(self.every): self.peak = max(self.peak, self._rss())
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device); torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = torch.cuda.memory_allocated(self.device)
+        else:
+            import threading
+            self.start = self.peak = self._rss()
+            self._stop = threading.Event(); self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda": self.peak = torch.cuda.max_memory_allocated(self.device)
+        else: self._stop.set(); self._thread.join(); self.peak = max(self.peak, self._rss())
+        self.grown_mib = (self.peak - self.start) / 2**20
+
 def fit_memory(kind: str, size: int, n_images: int = 2, steps: int = 2, device=None) -> dict:
     "Peak memory of fitting (Eq. 3) an FPN (`kind='fpn'`) or DatasetGAN's pixel MLP (`'pixel_mlp'`) at `size` px."
     G, A, _ = paper_scale_networks(size, device=device)
     if kind == "pixel_mlp": A = PixelMLPAnnotator(G.feature_shapes, 8, G.image_size, n_members=1)
     z, masks = G.latents(n_images, seed=0), torch.zeros(n_images, size, size, dtype=torch.long)
-    cuda = G.device.type == "cuda"
-    if cuda: torch.cuda.reset_peak_memory_stats(G.device)
-    base = torch.cuda.memory_allocated(G.device) if cuda else _peak_rss_bytes()
-    fit_annotator(G, A, z, masks, steps=steps, batch_size=min(2, n_images), progress=False)
-    peak = torch.cuda.max_memory_allocated(G.device) if cuda else _peak_rss_bytes()
-    return {"annotator": kind, "size": size, "n_images": n_images, "peak_memory_mib": (peak - base) / 2**20}
+    with MemoryWatch(G.device) as watch:
+        fit_annotator(G, A, z, masks, steps=steps, batch_size=min(2, n_images), progress=False)
+    return {"annotator": kind, "size": size, "n_images": n_images, "peak_memory_mib": watch.grown_mib}
 
 def available_memory_bytes(device=None) -> int:
     "Memory a measurement may take: the GPU's free memory on CUDA, else the machine's available RAM (Linux)."
@@ -615,6 +641,10 @@ def in_subprocess(function: str, **kwargs) -> dict:
 def pixel_feature_bytes(feature_shapes, size: int, n_images: int) -> int:
     "What DatasetGAN keeps in memory to train its pixel MLP: every pixel's upsampled features, float32."
     return n_images * size * size * sum(c for c, _, _ in feature_shapes) * 4
+
+def feature_bytes(feature_shapes, n_images: int) -> int:
+    "What an FPN annotator reads: the feature maps at their own resolutions, float32."
+    return n_images * sum(c * h * w for c, h, w in feature_shapes) * 4
 
 # %% ../../nbs/bench/00_harness.ipynb #4a7e1071
 from ..metrics import confusion_matrix
