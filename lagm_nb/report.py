@@ -88,10 +88,11 @@ def compare(a: Sequence[float], b: Sequence[float], direction: str = ">", margin
     if direction not in (">", "<"): raise ValueError(f"direction must be '>' or '<', not {direction!r}")
     if len(a) != len(b) or not len(a): raise ValueError(f"need paired, non-empty scores; got {len(a)} and {len(b)}")
     d = np.asarray(a, float) - np.asarray(b, float) - (margin if direction == ">" else -margin)
-    sd = float(d.std(ddof=1)) if len(d) > 1 else float("nan")
-    if len(d) < 3: verdict = f"not resolved ({len(d)} seed{'s' * (len(d) > 1)})"
-    elif abs(d.mean()) <= sd: verdict = "not resolved (inside the spread)"
-    else: verdict = "holds" if (d.mean() > 0) == (direction == ">") else "does not hold"
+    sd, mean = float(d.std(ddof=1)) if len(d) > 1 else float("nan"), float(d.mean())
+    lean = "no difference" if mean == 0 else "leans holds" if (mean > 0) == (direction == ">") else "leans does not hold"
+    if len(d) < 3: verdict = f"not resolved ({len(d)} seed{'s' * (len(d) > 1)}; {lean})"
+    elif abs(mean) <= sd: verdict = f"not resolved (inside the spread; {lean})"
+    else: verdict = lean.removeprefix("leans ")
     return {"mean_a": float(np.mean(a)), "mean_b": float(np.mean(b)), "difference": float(np.mean(a) - np.mean(b)),
             "spread": sd, "seeds": len(d), "verdict": verdict}
 

@@ -11,7 +11,8 @@ def test_verdicts_follow_the_paired_rule():
     assert compare([60, 61, 62], [50, 52, 51])["verdict"] == "holds"
     assert compare([50, 52, 51], [60, 61, 62])["verdict"] == "does not hold"
     assert compare([60, 50, 55], [55, 56, 54])["verdict"].startswith("not resolved")
-    assert compare([70, 71], [50, 50])["verdict"] == "not resolved (2 seeds)"
+    assert compare([70, 71], [50, 50])["verdict"] == "not resolved (2 seeds; leans holds)"
+    assert compare([40], [50])["verdict"] == "not resolved (1 seed; leans does not hold)"   # which way one seed points
     r = compare([3.0, 5.0, 4.0], [1.0, 1.0, 1.0])
     assert r["difference"] == pytest.approx(3.0) and r["spread"] == pytest.approx(1.0) and r["seeds"] == 3
     assert compare([2, 3, 4], [1, 2, 3], "<")["verdict"] == "does not hold"
@@ -23,7 +24,7 @@ def test_claims_file_has_the_report_columns(tmp_path):
            **compare([1, 2, 3], [1, 1, 3])}
     shown = save_claims([row, None], tmp_path, "t", "default")
     df = pd.read_csv(tmp_path / "t_claims.csv")
-    assert list(df.columns) == CLAIM_COLUMNS and df.verdict[0] == "not resolved (inside the spread)"
+    assert list(df.columns) == CLAIM_COLUMNS and df.verdict[0] == "not resolved (inside the spread; leans holds)"
     assert len(shown) == 1 and list(shown.columns) == CLAIM_COLUMNS[:-3]   # None rows skipped, long columns left out
     with pytest.raises(ValueError, match="lack"): save_claims([{"claim": "c"}], tmp_path, "u", "default")
 
@@ -37,7 +38,7 @@ def test_claim_row_pairs_by_seed():
                        "score": [9.0, 5.0, 6.0, 1.0, 3.0, 100.0]})
     row = claim_row(df, "a wins", "toy", "a", "b", "score", "Table X", "x.md", column="variant")
     assert row["seeds"] == 2 and row["mean_a"] == 5.5 and row["mean_b"] == 2.0     # seeds 0 and 1 only
-    assert row["verdict"] == "not resolved (2 seeds)" and row["a"] == "a" and row["figure"] == "x.md"
+    assert row["verdict"] == "not resolved (2 seeds; leans holds)" and row["a"] == "a" and row["figure"] == "x.md"
     assert claim_row(df, "a wins", "toy", "a", "c", "score", "Table X", "x.md", column="variant") is None
 
 
