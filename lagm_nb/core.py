@@ -16,7 +16,7 @@ from torch import nn
 __all__ = ['default_device', 'seed_everything', 'step_seed', 'CheckpointError', 'load_error', 'save_checkpoint',
            'load_checkpoint', 'load_state_dict_checked', 'write_text_atomic', 'write_jsonl', 'Config', 'world',
            'mean_over_ranks_', 'mean_over_ranks', 'join_torchrun', 'RunDir', 'nonfinite_tensors', 'FiniteGuard',
-           'notify', 'fingerprint']
+           'notify', 'MemoryWatch', 'fingerprint']
 
 # %% ../nbs/00_core.ipynb #08f31717
 def _mps_available() -> bool:
@@ -318,6 +318,38 @@ def notify(callbacks: list, kind: str, record: dict, **objects):
         except Exception as e:   # a broken display must not end a training run
             warnings.warn(f"callback {getattr(cb, '__name__', cb)!r} failed ({type(e).__name__}: {e}); it is dropped")
             if isinstance(callbacks, list): callbacks.remove(cb)
+
+# %% ../nbs/00_core.ipynb #5b7e64d4
+class MemoryWatch:
+    "Peak memory growth over a `with` block: CUDA's peak allocation, or the process's resident memory sampled."
+    def __init__(self, device=None, every: float = 0.002): self.device, self.every = default_device(device), every
+
+    def _rss(self) -> int:      # resident pages now (Linux /proc; elsewhere the lifetime peak, the best there is)
+        statm = Path("/proc/self/statm")
+        if statm.exists(): return int(statm.read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        import resource, sys
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
+
+    def _sample(self):
+        while not self._stop.wait(self.every): self.peak = max(self.peak, self._rss())
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device); torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = torch.cuda.memory_allocated(self.device)
+        else:
+            import threading
+            self.start = self.peak = self._rss()
+            self._stop = threading.Event(); self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda": self.peak = torch.cuda.max_memory_allocated(self.device)
+        else: self._stop.set(); self._thread.join(); self.peak = max(self.peak, self._rss())
+        self.grown_mib = (self.peak - self.start) / 2**20
+        self.kind = "cuda max_memory_allocated" if self.device.type == "cuda" else "process resident memory, sampled"
 
 # %% ../nbs/00_core.ipynb #1a0c926d
 def fingerprint(*things) -> str:

@@ -5,14 +5,14 @@ matching, the baseline of Table C.7; the interface, logs and resume of Algorithm
 
 # %% ../nbs/14_maml.ipynb #m0imprt
 from __future__ import annotations
-import dataclasses, sys
+import dataclasses
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import ClassVar
 import torch
 from torch import nn
 from torch.func import functional_call
-from .core import RunDir, default_device, fingerprint, load_state_dict_checked, step_seed
+from .core import MemoryWatch, RunDir, default_device, fingerprint, load_state_dict_checked, step_seed
 from .datasets import BatchSource, LabelledImages, resize_pair
 from .generators import FeatureGenerator
 from .gradmatch import segmentation_loss, select_parameters
@@ -110,12 +110,6 @@ def train_maml(generator: FeatureGenerator, annotator: nn.Module, segmenter: nn.
                      run, start, cfg, val, annotator_val, progress, callbacks)          # lines 11-13: the segmenter
 
 # %% ../nbs/14_maml.ipynb #m6costc
-def _peak_rss_bytes() -> int:
-    "The process's peak resident memory so far (`ru_maxrss`: KiB on Linux, bytes on macOS)."
-    import resource
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
-
 def step_cost(kind: str, generator: FeatureGenerator, annotator: nn.Module, segmenter: nn.Module, labelled,
               config: GMConfig, warmup: int = 2, steps: int = 5, device=None) -> dict:
     """Seconds per step (mean over `steps` after `warmup`) and peak memory added by the steps, of Algorithm 1
@@ -123,14 +117,10 @@ def step_cost(kind: str, generator: FeatureGenerator, annotator: nn.Module, segm
     trainers = {"gm": train_gradient_matching, "maml": train_maml}
     if kind not in trainers: raise ValueError(f"kind must be 'gm' or 'maml', not {kind!r}")
     device = default_device(device)
-    cuda = device.type == "cuda"
     generator.to(device); annotator.to(device); segmenter.to(device)
-    if cuda: torch.cuda.synchronize(device); torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device) if cuda else _peak_rss_bytes()
     cfg = config.replace(steps=warmup + steps, log_every=1, eval_every=10**9, checkpoint_every=10**9)
-    history = trainers[kind](generator, annotator, segmenter, labelled, cfg, device=device, progress=False).history
-    peak = torch.cuda.max_memory_allocated(device) if cuda else _peak_rss_bytes()
+    with MemoryWatch(device) as watch:
+        history = trainers[kind](generator, annotator, segmenter, labelled, cfg, device=device, progress=False).history
     t = {r["step"]: r["time"] for r in history if "seg_loss" in r}
     return {"kind": kind, "seconds_per_step": (t[warmup + steps] - t[warmup]) / steps,
-            "peak_memory_mib": (peak - base) / 2**20,
-            "memory": "cuda max_memory_allocated" if cuda else "process peak RSS growth"}
+            "peak_memory_mib": watch.grown_mib, "memory": watch.kind}

@@ -89,7 +89,8 @@ def compare(a: Sequence[float], b: Sequence[float], direction: str = ">", margin
     if len(a) != len(b) or not len(a): raise ValueError(f"need paired, non-empty scores; got {len(a)} and {len(b)}")
     d = np.asarray(a, float) - np.asarray(b, float) - (margin if direction == ">" else -margin)
     sd, mean = float(d.std(ddof=1)) if len(d) > 1 else float("nan"), float(d.mean())
-    lean = "no difference" if mean == 0 else "leans holds" if (mean > 0) == (direction == ">") else "leans does not hold"
+    lean = ("no difference" if mean == 0 else
+            "leans holds" if (mean > 0) == (direction == ">") else "leans does not hold")
     if len(d) < 3: verdict = f"not resolved ({len(d)} seed{'s' * (len(d) > 1)}; {lean})"
     elif abs(mean) <= sd: verdict = f"not resolved (inside the spread; {lean})"
     else: verdict = lean.removeprefix("leans ")

@@ -13,15 +13,15 @@ from typing import ClassVar
 import pandas as pd
 import torch
 from torch import nn
-from ..core import (Config, default_device, fingerprint, load_checkpoint, load_state_dict_checked, save_checkpoint,
-                          seed_everything, step_seed, write_text_atomic)
+from ..core import (Config, MemoryWatch, default_device, fingerprint, load_checkpoint, load_state_dict_checked,
+                          save_checkpoint, seed_everything, step_seed, write_text_atomic)
 from ..datasets import LabelledImages
 from ..generators import FeatureGenerator, HookedGenerator
 from ..stylegan2 import Generator
 from ..annotator import FPNAnnotator, PixelMLPAnnotator
 from ..segmenters import SEGMENTERS, build_segmenter
 from ..train import GMConfig, evaluate_annotator, fit_annotator, segmenter_step, train_gradient_matching
-from ..maml import MAMLConfig, _peak_rss_bytes, step_cost, train_maml
+from ..maml import MAMLConfig, step_cost, train_maml
 from ..inversion import InversionConfig, inversion_annotator
 from ..meanteacher import MeanTeacherConfig, train_mean_teacher
 from ..recipe import RECIPES, RecipeConfig, learn_annotator
@@ -35,10 +35,10 @@ __all__ = ['STAGE_VERSIONS', 'SMOKE', 'FULL', 'PROFILES', 'MONITORING', 'RESULT_
            'maml_annotator', 'inverted_annotator', 'load_annotator', 'load_segmenter', 'supervised_segmenter',
            'oracle_segmenter', 'mean_teacher_segmenter', 'downstream_segmenter', 'segmenter_scores', 'annotator_scores',
            'parse_method', 'row_annotator', 'run_row', 'mean_std', 'summarize', 'results_frame', 'annotator_study',
-           'seconds_per_gm_step', 'seconds_per_segmenter_step', 'paper_scale_networks', 'benchmark_step', 'MemoryWatch',
-           'fit_memory', 'available_memory_bytes', 'in_subprocess', 'pixel_feature_bytes', 'feature_bytes',
-           'draw_latents', 'annotator_labels', 'label_frames', 'frame_scores', 'with_generated_source',
-           'recipe_step_seconds', 'method_results', 'grid_rows', 'row_segmenter', 'settings_note', 'save_results']
+           'seconds_per_gm_step', 'seconds_per_segmenter_step', 'paper_scale_networks', 'benchmark_step', 'fit_memory',
+           'available_memory_bytes', 'in_subprocess', 'pixel_feature_bytes', 'feature_bytes', 'draw_latents',
+           'annotator_labels', 'label_frames', 'frame_scores', 'with_generated_source', 'recipe_step_seconds',
+           'method_results', 'grid_rows', 'row_segmenter', 'settings_note', 'save_results']
 
 # %% ../../nbs/bench/00_harness.ipynb #4a7e0006
 def draw_indices(pool_size: int, n: int, seed: int) -> list[int]:
@@ -577,35 +577,6 @@ def benchmark_step(size: int, segmenter: str = "unet", match: str = "head", prec
     cost = step_cost(kind, G, A, S, labelled, cfg, warmup, steps, device)
     return {"size": size, "segmenter": segmenter, "match": match, "precision": precision, "kind": kind,
             **({"inner_steps": inner_steps} if kind == "maml" else {}), **cost}
-
-class MemoryWatch:
-    """Peak memory growth over a block: CUDA's peak allocation on a GPU; on a CPU the process's resident memory,
-    sampled every `every` seconds by a thread (a lifetime peak, `ru_maxrss`, misses a block smaller than what came
-    before it)."""
-    def __init__(self, device=None, every: float = 0.002): self.device, self.every = default_device(device), every
-
-    def _rss(self) -> int:
-        statm = Path("/proc/self/statm")
-        return int(statm.read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") if statm.exists() else _peak_rss_bytes()
-
-    def _sample(self):
-        while not self._stop.wait(self.every): self.peak = max(self.peak, self._rss())
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device); torch.cuda.reset_peak_memory_stats(self.device)
-            self.start = torch.cuda.memory_allocated(self.device)
-        else:
-            import threading
-            self.start = self.peak = self._rss()
-            self._stop = threading.Event(); self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda": self.peak = torch.cuda.max_memory_allocated(self.device)
-        else: self._stop.set(); self._thread.join(); self.peak = max(self.peak, self._rss())
-        self.grown_mib = (self.peak - self.start) / 2**20
 
 def fit_memory(kind: str, size: int, n_images: int = 2, steps: int = 2, device=None) -> dict:
     "Peak memory of fitting (Eq. 3) an FPN (`kind='fpn'`) or DatasetGAN's pixel MLP (`'pixel_mlp'`) at `size` px."
