@@ -414,6 +414,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                   'lagm_nb.datasets.resize_pair': ('datasets.html#resize_pair', 'lagm_nb/datasets.py')},
             'lagm_nb.downstream': { 'lagm_nb.downstream.SegmenterRun': ('downstream.html#segmenterrun', 'lagm_nb/downstream.py'),
                                     'lagm_nb.downstream.augment': ('downstream.html#augment', 'lagm_nb/downstream.py'),
+                                    'lagm_nb.downstream.class_balance_weights': ( 'downstream.html#class_balance_weights',
+                                                                                  'lagm_nb/downstream.py'),
                                     'lagm_nb.downstream.dataset_batches': ('downstream.html#dataset_batches', 'lagm_nb/downstream.py'),
                                     'lagm_nb.downstream.jitter_colours': ('downstream.html#jitter_colours', 'lagm_nb/downstream.py'),
                                     'lagm_nb.downstream.keep_best': ('downstream.html#keep_best', 'lagm_nb/downstream.py'),

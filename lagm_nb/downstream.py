@@ -20,7 +20,7 @@ from .train import make_optimizer, precision_context
 
 # %% auto #0
 __all__ = ['augment', 'jitter_colours', 'labelled_batches', 'synthetic_batches', 'dataset_batches', 'SegmenterRun', 'keep_best',
-           'supervised_loss', 'train_segmenter']
+           'supervised_loss', 'class_balance_weights', 'train_segmenter']
 
 # %% ../nbs/10_downstream.ipynb #e59986e5
 def augment(images: torch.Tensor, masks: torch.Tensor, g: torch.Generator, flip: bool = True,
@@ -108,32 +108,51 @@ def keep_best(best: tuple, segmenter: nn.Module, step: int, val_miou: float) -> 
     "(step, val mIoU, weights) of the best validation score so far (the first maximum)."
     return (step, val_miou, copy.deepcopy(segmenter.state_dict())) if val_miou > best[1] else best
 
-def supervised_loss(segmenter: nn.Module, batches: BatchSource, step: int, seed: int = 0) -> torch.Tensor:
+def supervised_loss(segmenter: nn.Module, batches: BatchSource, step: int, seed: int = 0,
+                    class_weights: torch.Tensor | None = None) -> torch.Tensor:
     "Cross-entropy of `segmenter` (in train mode) on `batches(step)`, with torch's RNG seeded from `seed` and `step`."
     torch.manual_seed(step_seed(seed, step, "segmenter"))
     x, y = batches(step)
     segmenter.train()
-    return segmentation_loss(segmenter(x), y)
+    return segmentation_loss(segmenter(x), y, weight=class_weights)
+
+# %% ../nbs/10_downstream.ipynb #b9e8453e
+def class_balance_weights(masks: torch.Tensor, n_classes: int, power: float = 0.5,
+                          ignore_index: int = 255) -> torch.Tensor:
+    "Per-class weights f_c^-power from the pixel frequencies f_c of `masks`, scaled so the mean pixel weighs 1."
+    if power < 0: raise ValueError(f"power must be >= 0 (0: no balancing), got {power}")
+    labels = masks[masks != ignore_index].long()
+    if labels.numel() == 0: raise ValueError("the masks have no labelled pixel to count classes in")
+    if labels.max() >= n_classes: raise ValueError(f"the masks hold class {int(labels.max())}, but n_classes={n_classes}")
+    freq = torch.bincount(labels, minlength=n_classes).double() / labels.numel()
+    weights = torch.where(freq > 0, freq.clamp_min(1e-12) ** -power, torch.zeros_like(freq))
+    return (weights / (freq * weights).sum()).float()
 
 # %% ../nbs/10_downstream.ipynb #1aeeb7d0
 def train_segmenter(segmenter: nn.Module, batches: BatchSource, steps: int, *, lr: float = 1e-3,
                     optimizer: str = "adam", val: LabelledImages | None = None, eval_every: int = 200,
                     out_dir: str | Path | None = None, checkpoint_every: int = 500, resume: bool = False,
                     overwrite: bool = False, data: str = "", seed: int = 0, device=None, progress: bool = True,
-                    desc: str = "segmenter", callbacks: list = (), precision: str = "fp32") -> SegmenterRun:
+                    desc: str = "segmenter", callbacks: list = (), precision: str = "fp32",
+                    class_weights: torch.Tensor | None = None) -> SegmenterRun:
     "Train `segmenter` on `batches(step)` for `steps` steps; keep the weights with the best validation mIoU."
     device = default_device(device)
     precision_context(precision, device)                               # refuses an unknown precision here
     check_classes(labels=batches, segmenter=segmenter, val=val)
     segmenter.to(device)
+    n_classes = getattr(segmenter, "n_classes", None)
+    if class_weights is not None and n_classes is not None and len(class_weights) != n_classes:
+        raise ValueError(f"class_weights has {len(class_weights)} entries, the segmenter {n_classes} classes: "
+                         "give one weight per class (class_balance_weights(masks, n_classes))")
+    weights = None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32, device=device)
     opt = make_optimizer(segmenter.parameters(), optimizer, lr)
     source = check_batch_source(batches, segmenter=segmenter, val=val)   # the labels' classes; what the batches are
     named = None if data else source                                     # unless `data` names them
     settings = dict(lr=lr, optimizer=optimizer, seed=seed, data=data, val=None if val is None else fingerprint(val),
                     steps=steps, eval_every=eval_every, checkpoint_every=checkpoint_every, batches=named,
-                    precision=precision)
+                    precision=precision, class_weights=None if weights is None else [round(float(w), 6) for w in weights])
     run = RunDir(out_dir, "segmenter_run", settings, restartable={"steps", "eval_every", "checkpoint_every"},
-                 defaults={"batches": named, "precision": "fp32"})   # what a checkpoint from before them recorded
+                 defaults={"batches": named, "precision": "fp32", "class_weights": None})   # what a checkpoint from before them recorded
     state, start, best = run.start(resume, overwrite, map_location=device), 0, (None, -math.inf, None)
     if state:
         load_state_dict_checked(segmenter, state["segmenter"], f"segmenter in {run.checkpoints[0]}")
@@ -141,7 +160,7 @@ def train_segmenter(segmenter: nn.Module, batches: BatchSource, steps: int, *, l
     bar = tqdm(range(start + 1, steps + 1), initial=start, total=steps, disable=not progress, desc=desc)
     guard = FiniteGuard(desc, start)
     for t in bar:
-        with precision_context(precision, device): loss = supervised_loss(segmenter, batches, t, seed)
+        with precision_context(precision, device): loss = supervised_loss(segmenter, batches, t, seed, weights)
         opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
         guard.watch(loss)
         if t % 50 == 0 or t % checkpoint_every == 0 or t == steps: guard.check(t, segmenter=segmenter)

@@ -15,17 +15,22 @@ import torch.nn.functional as F
 __all__ = ['CONVENTIONS', 'segmentation_loss', 'select_parameters', 'row_cosine', 'gradient_distance', 'GradientMatchingLoss']
 
 # %% ../nbs/08_gradmatch.ipynb #b3f6b874
-def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
-    "Cross-entropy of logits [N,C,H,W] against hard labels [N,H,W] (int) or soft labels [N,C,H,W] (float)."
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = 255,
+                      weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy of logits [N,C,H,W] against hard labels [N,H,W] (int) or soft labels [N,C,H,W] (float), with
+    optional per-class weights [C] (a weighted mean over pixels, as `F.cross_entropy` takes it)."""
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))    # bfloat16 logits: the loss in float32
     if target.dtype.is_floating_point:
         if target.shape != logits.shape:
             raise ValueError(f"soft labels {tuple(target.shape)} must have the logits' shape {tuple(logits.shape)}")
-        return -(target * logits.log_softmax(1)).sum(1).mean()
+        if weight is None: return -(target * logits.log_softmax(1)).sum(1).mean()
+        w = target * weight.to(logits)[:, None, None]                        # each pixel's weight, spread over classes
+        return -(w * logits.log_softmax(1)).sum() / w.sum()
     if target.shape != logits.shape[:1] + logits.shape[2:]:
         raise ValueError(f"hard labels {tuple(target.shape)} must be [N,H,W] = "
                          f"{tuple(logits.shape[:1] + logits.shape[2:])}")
-    return F.cross_entropy(logits, target.long(), ignore_index=ignore_index)
+    return F.cross_entropy(logits, target.long(), ignore_index=ignore_index,
+                           weight=None if weight is None else weight.to(logits))
 
 # %% ../nbs/08_gradmatch.ipynb #ac7958fc
 def select_parameters(model: nn.Module, match: str | Sequence[str] = "all") -> list[tuple[str, nn.Parameter]]:

@@ -16,7 +16,7 @@ from .datasets import LabelledImages, check_classes
 from .generators import FeatureGenerator
 from .gradmatch import select_parameters
 from .train import GMConfig, fit_annotator, train_gradient_matching
-from .downstream import labelled_batches, train_segmenter
+from .downstream import class_balance_weights, labelled_batches, train_segmenter
 
 # %% auto #0
 __all__ = ['RECIPES', 'RecipeConfig', 'default_recipe', 'recipe_name', 'pseudo_labels', 'keep_pretrained', 'RecipeResult',
@@ -42,6 +42,7 @@ class RecipeConfig(GMConfig):
     warm_start_steps: int = 400       # Eq. 3 fitting steps of the annotator on them
     augment_labelled: bool = False    # augment the labelled batches of the matching target
     pretrain_keep: str | list = "all" # parameter groups kept after pre-training; the rest is re-drawn (Fig. C.5)
+    pretrain_balance: float = 0.0     # class weights (pixel frequency)^-power in pre-training (0: plain cross-entropy)
 
     def matching(self) -> GMConfig:
         "The settings of stage 3, as the `GMConfig` that `train_gradient_matching` takes."
@@ -95,8 +96,8 @@ class RecipeResult:
     match_dir: Path | None = None
 
 # %% ../nbs/11_recipe.ipynb #aebe964b
-_STAGE_FIELDS = {"pretrain": ["pretrain_steps", "pretrain_batch_size", "pretrain_lr", "pretrain_keep", "seed",
-                              "precision"],
+_STAGE_FIELDS = {"pretrain": ["pretrain_steps", "pretrain_batch_size", "pretrain_lr", "pretrain_keep", "pretrain_balance",
+                              "seed", "precision"],
                  "warm": ["warm_start_images", "warm_start_steps", "precision"]}
 
 def _stage_keys(cfg: RecipeConfig, *things) -> tuple[str, str, str]:
@@ -112,10 +113,12 @@ def _pretrain(segmenter, labelled, cfg: RecipeConfig, val, pre_dir, device, prog
     "Stage 1: supervised pre-training of the matching segmenter; returns its minutes (as recorded when it ran)."
     t0 = time.perf_counter()
     batches = labelled_batches(labelled, cfg.pretrain_batch_size, seed=cfg.seed, device=device)
+    weights = (class_balance_weights(labelled.masks, labelled.n_classes, cfg.pretrain_balance)
+               if cfg.pretrain_balance else None)
     train_segmenter(segmenter, batches, cfg.pretrain_steps, lr=cfg.pretrain_lr, val=val,
                     eval_every=max(1, cfg.pretrain_steps // 5), out_dir=pre_dir, resume=pre_dir is not None,
                     seed=cfg.seed, device=device, progress=progress, desc="pre-training segmenter",
-                    precision=cfg.precision)
+                    precision=cfg.precision, class_weights=weights)
     keep_pretrained(segmenter, cfg.pretrain_keep, step_seed(cfg.seed, 0, "pretrain keep"))
     minutes = (time.perf_counter() - t0) / 60
     if pre_dir:     # a later recipe that loads this pre-training still reports what it cost

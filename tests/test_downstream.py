@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from lagm_nb.annotator import FPNAnnotator
-from lagm_nb.downstream import augment, labelled_batches, synthetic_batches, train_segmenter
+from lagm_nb.downstream import augment, class_balance_weights, labelled_batches, synthetic_batches, train_segmenter
 from lagm_nb.testing import tiny_generator
 from lagm_nb.segmenters import UNet
 from lagm_nb.datasets import LabelledImages
@@ -100,6 +100,9 @@ def test_refused_calls_leave_an_existing_run_as_it_was(tmp_path, unchanged):
         (3, lambda t: (data.images[:2], data.masks[:2]), {}, CheckpointError, r"other settings .*'batches'"),
         (5, labelled_batches(data, 2), {}, ValueError, "class counts differ: the labels 3, the segmenter 5"),
         (2, twos, {}, ValueError, r"labels from 2 to 2 \(at least 3 classes\), the segmenter 2; build the networks"),
+        (3, labelled_batches(data, 2), {"class_weights": torch.tensor([1.0, 2.0, 3.0])}, CheckpointError,
+         r"other settings .*'class_weights'"),
+        (3, labelled_batches(data, 2), {"class_weights": torch.ones(2)}, ValueError, "2 entries, the segmenter 3 classes"),
     ]
     for n, batches, kw, error, message in cases:
         with unchanged(run), pytest.raises(error, match=message):
@@ -108,6 +111,19 @@ def test_refused_calls_leave_an_existing_run_as_it_was(tmp_path, unchanged):
     # the same data under another batch size is other batches; `data=` names the batches instead of their fingerprint
     with unchanged(run), pytest.raises(CheckpointError, match="'batches'"):
         train_segmenter(UNet(3, width=4), labelled_batches(data, 3), 4, out_dir=run, resume=True, progress=False)
+
+
+def test_class_weights_change_the_training_and_equal_weights_do_not():
+    data = _data()
+    def final_weights(class_weights):
+        torch.manual_seed(0)
+        S = train_segmenter(UNet(3, width=4), labelled_batches(data, 2), 3, class_weights=class_weights,
+                            progress=False).segmenter
+        return torch.cat([p.flatten() for p in S.parameters()])
+    plain = final_weights(None)
+    assert torch.allclose(final_weights(torch.ones(3)), plain)
+    assert not torch.allclose(final_weights(class_balance_weights(data.masks, 3, power=1.0) * torch.tensor([1.0, 1.0, 5.0])),
+                              plain)
 
 
 def test_resume_with_the_same_batches_continues(tmp_path):

@@ -75,6 +75,19 @@ def test_learn_annotator_reuses_cached_stages(tmp_path):
     assert len(list(tmp_path.glob("warm-*.pt"))) == 2
 
 
+def test_pretrain_balance_is_a_pretraining_of_its_own(tmp_path):
+    G, data, A, S = _setup()
+    cfg = RecipeConfig.preset("cpu", pretrain_steps=4, warm_start_images=8, warm_start_steps=3, steps=0, seed=2)
+    plain = learn_annotator(G, A, S, data.subset(range(4)), cfg, cache_dir=tmp_path, progress=False)
+    _, _, A2, S2 = _setup()
+    balanced = learn_annotator(G, A2, S2, data.subset(range(4)), cfg.replace(pretrain_balance=0.5),
+                               cache_dir=tmp_path, progress=False)
+    assert len(list(tmp_path.glob("pretrain-*"))) == 2 and len(list(tmp_path.glob("warm-*.pt"))) == 2
+    assert not torch.equal(plain.segmenter.outc.conv.weight, balanced.segmenter.outc.conv.weight)
+    # the default (0) is no setting at all: the runs stored before the option existed keep their names
+    assert "pretrain_balance" not in cfg.changes() and cfg.replace(pretrain_balance=0.0) == cfg
+
+
 def test_pretrain_keep_backbone_redraws_the_rest():
     from lagm_nb.recipe import keep_pretrained
     from lagm_nb.segmenters import DeepLabV3
