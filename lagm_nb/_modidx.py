@@ -368,6 +368,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                               'lagm_nb.core._jsonable': ('core.html#_jsonable', 'lagm_nb/core.py'),
                               'lagm_nb.core._mps_available': ('core.html#_mps_available', 'lagm_nb/core.py'),
                               'lagm_nb.core._newest_readable': ('core.html#_newest_readable', 'lagm_nb/core.py'),
+                              'lagm_nb.core.as_created': ('core.html#as_created', 'lagm_nb/core.py'),
                               'lagm_nb.core.default_device': ('core.html#default_device', 'lagm_nb/core.py'),
                               'lagm_nb.core.fingerprint': ('core.html#fingerprint', 'lagm_nb/core.py'),
                               'lagm_nb.core.join_torchrun': ('core.html#join_torchrun', 'lagm_nb/core.py'),

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 # %% auto #0
-__all__ = ['default_device', 'seed_everything', 'step_seed', 'CheckpointError', 'load_error', 'save_checkpoint',
+__all__ = ['default_device', 'seed_everything', 'step_seed', 'CheckpointError', 'load_error', 'as_created', 'save_checkpoint',
            'load_checkpoint', 'load_state_dict_checked', 'write_text_atomic', 'write_jsonl', 'Config', 'world',
            'mean_over_ranks_', 'mean_over_ranks', 'join_torchrun', 'RunDir', 'nonfinite_tensors', 'FiniteGuard',
            'notify', 'MemoryWatch', 'fingerprint']
@@ -71,6 +71,11 @@ def load_error(e: Exception) -> str:
     return type(e).__name__ if unsafe else f"{type(e).__name__}: {e}"
 
 # %% ../nbs/00_core.ipynb #08202445
+def as_created(tmp: str | Path) -> None:
+    "Give a temporary file the permissions a plain `open` gives (`mkstemp` makes it readable by its owner only)."
+    mask = os.umask(0); os.umask(mask)
+    os.chmod(tmp, 0o666 & ~mask)
+
 def save_checkpoint(obj: dict, path: str | Path, kind: str) -> Path:
     "Write `obj` (a dict) to `path` atomically, tagged with `kind`."
     path = Path(path)
@@ -80,7 +85,7 @@ def save_checkpoint(obj: dict, path: str | Path, kind: str) -> Path:
         with os.fdopen(fd, "wb") as f:
             torch.save({"lagm_nb_kind": kind, **obj}, f)
             f.flush(); os.fsync(f.fileno())
-        os.replace(tmp, path)
+        as_created(tmp); os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -126,7 +131,7 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f: f.write(text)
-        os.replace(tmp, path)
+        as_created(tmp); os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True); raise
     return path

@@ -122,3 +122,14 @@ def test_finite_guard_sees_a_nan_weight_behind_finite_losses():
     with pytest.raises(FloatingPointError, match=r"run: the net's 0.weight \(and 1 more\) became NaN or infinite "
                                                  r"between steps 6 and 8 while the losses stayed finite"):
         g.check(8, net=net)
+
+
+def test_atomic_writes_get_the_permissions_of_a_plain_open(tmp_path):
+    import os
+    from lagm_nb.core import save_checkpoint, write_text_atomic
+    mask = os.umask(0o022)
+    try:
+        text, ckpt = write_text_atomic(tmp_path / "a.md", "x"), save_checkpoint({}, tmp_path / "c.pt", "test")
+        assert (text.stat().st_mode & 0o777, ckpt.stat().st_mode & 0o777) == (0o644, 0o644)
+    finally:
+        os.umask(mask)
