@@ -123,7 +123,8 @@ def class_balance_weights(masks: torch.Tensor, n_classes: int, power: float = 0.
     if power < 0: raise ValueError(f"power must be >= 0 (0: no balancing), got {power}")
     labels = masks[masks != ignore_index].long()
     if labels.numel() == 0: raise ValueError("the masks have no labelled pixel to count classes in")
-    if labels.max() >= n_classes: raise ValueError(f"the masks hold class {int(labels.max())}, but n_classes={n_classes}")
+    if labels.max() >= n_classes:
+        raise ValueError(f"the masks hold class {int(labels.max())}, but n_classes={n_classes}")
     freq = torch.bincount(labels, minlength=n_classes).double() / labels.numel()
     weights = torch.where(freq > 0, freq.clamp_min(1e-12) ** -power, torch.zeros_like(freq))
     return (weights / (freq * weights).sum()).float()
@@ -150,9 +151,10 @@ def train_segmenter(segmenter: nn.Module, batches: BatchSource, steps: int, *, l
     named = None if data else source                                     # unless `data` names them
     settings = dict(lr=lr, optimizer=optimizer, seed=seed, data=data, val=None if val is None else fingerprint(val),
                     steps=steps, eval_every=eval_every, checkpoint_every=checkpoint_every, batches=named,
-                    precision=precision, class_weights=None if weights is None else [round(float(w), 6) for w in weights])
+                    precision=precision,
+                    class_weights=None if weights is None else [round(float(w), 6) for w in weights])
     run = RunDir(out_dir, "segmenter_run", settings, restartable={"steps", "eval_every", "checkpoint_every"},
-                 defaults={"batches": named, "precision": "fp32", "class_weights": None})   # what a checkpoint from before them recorded
+                 defaults={"batches": named, "precision": "fp32", "class_weights": None})   # what older checkpoints ran
     state, start, best = run.start(resume, overwrite, map_location=device), 0, (None, -math.inf, None)
     if state:
         load_state_dict_checked(segmenter, state["segmenter"], f"segmenter in {run.checkpoints[0]}")

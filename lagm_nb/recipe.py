@@ -96,8 +96,8 @@ class RecipeResult:
     match_dir: Path | None = None
 
 # %% ../nbs/11_recipe.ipynb #aebe964b
-_STAGE_FIELDS = {"pretrain": ["pretrain_steps", "pretrain_batch_size", "pretrain_lr", "pretrain_keep", "pretrain_balance",
-                              "seed", "precision"],
+_STAGE_FIELDS = {"pretrain": ["pretrain_steps", "pretrain_batch_size", "pretrain_lr", "pretrain_keep",
+                              "pretrain_balance", "seed", "precision"],
                  "warm": ["warm_start_images", "warm_start_steps", "precision"]}
 
 def _stage_keys(cfg: RecipeConfig, *things) -> tuple[str, str, str]:
