@@ -15,8 +15,8 @@ from torch import nn
 from PIL import Image
 from tqdm.auto import tqdm
 from . import __version__
-from .core import (CheckpointError, fingerprint, load_checkpoint, load_state_dict_checked, save_checkpoint,
-                          step_seed, world)
+from .core import (CheckpointError, as_created, fingerprint, load_checkpoint, load_state_dict_checked,
+                          save_checkpoint, step_seed, world)
 from .generators import FeatureGenerator, latents_for_seeds
 from .annotator import FPNAnnotator, PixelMLPAnnotator
 from .segmenters import build_segmenter
@@ -139,7 +139,7 @@ def _write_atomic(path: Path, write):
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f: write(f)
-        os.chmod(tmp, 0o644); os.replace(tmp, path)
+        as_created(tmp); os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True); raise
 

