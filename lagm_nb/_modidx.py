@@ -675,6 +675,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'lagm_nb.recipe._pretrain': ('recipe.html#_pretrain', 'lagm_nb/recipe.py'),
                                 'lagm_nb.recipe._stage_keys': ('recipe.html#_stage_keys', 'lagm_nb/recipe.py'),
                                 'lagm_nb.recipe.default_recipe': ('recipe.html#default_recipe', 'lagm_nb/recipe.py'),
+                                'lagm_nb.recipe.framing_zoom': ('recipe.html#framing_zoom', 'lagm_nb/recipe.py'),
                                 'lagm_nb.recipe.keep_pretrained': ('recipe.html#keep_pretrained', 'lagm_nb/recipe.py'),
                                 'lagm_nb.recipe.learn_annotator': ('recipe.html#learn_annotator', 'lagm_nb/recipe.py'),
                                 'lagm_nb.recipe.pseudo_labels': ('recipe.html#pseudo_labels', 'lagm_nb/recipe.py'),

@@ -24,11 +24,12 @@ __all__ = ['augment', 'jitter_colours', 'labelled_batches', 'synthetic_batches',
 
 # %% ../nbs/10_downstream.ipynb #e59986e5
 def augment(images: torch.Tensor, masks: torch.Tensor, g: torch.Generator, flip: bool = True,
-            scale: float = 0.15, shift: float = 0.08, jitter: float = 0.2, ignore_index: int = 255):
-    "Random flip, zoom/shift and colour jitter of images [N,3,H,W] in [-1,1] and their hard masks [N,H,W]."
+            scale: float = 0.15, shift: float = 0.08, jitter: float = 0.2, ignore_index: int = 255, zoom: float = 1.0):
+    """Random flip, zoom/shift and colour jitter of images [N,3,H,W] in [-1,1] and their hard masks [N,H,W]; `zoom`
+    scales every image's content on top (below 1: smaller, with the new border's labels ignored)."""
     n, dev = len(images), images.device
     r = lambda *s: torch.rand(*s, generator=g).to(dev)
-    s = 1 + (2 * r(n) - 1) * scale
+    s = (1 + (2 * r(n) - 1) * scale) * zoom
     sign = torch.where(r(n) < 0.5, -1.0, 1.0) if flip else torch.ones(n, device=dev)
     theta = torch.zeros(n, 2, 3, device=dev)
     theta[:, 0, 0], theta[:, 1, 1] = sign / s, 1 / s
@@ -51,16 +52,18 @@ def jitter_colours(images: torch.Tensor, g: torch.Generator, jitter: float = 0.2
 
 # %% ../nbs/10_downstream.ipynb #d99884d9
 def labelled_batches(data: LabelledImages, batch_size: int = 8, augmented: bool = True, seed: int = 0,
-                     device=None) -> BatchSource:
-    "Random (augmented) batches of labelled images."
+                     device=None, zoom: float = 1.0) -> BatchSource:
+    "Random (augmented) batches of labelled images; `zoom` rescales every augmented image's content (see `augment`)."
+    if zoom != 1 and not augmented: raise ValueError(f"labelled_batches: zoom={zoom} needs augmented=True")
     device = default_device(device)
     def batch(step: int):
         g = torch.Generator().manual_seed(step_seed(seed, step, "labelled"))
         idx = torch.randint(0, len(data), (batch_size,), generator=g)
         x, y = data.images[idx].to(device), data.masks[idx].to(device)
-        return augment(x, y, g, ignore_index=data.ignore_index) if augmented else (x, y)
+        return augment(x, y, g, ignore_index=data.ignore_index, zoom=zoom) if augmented else (x, y)
     batch.n_classes = data.n_classes                             # for check_batch_source
-    batch.__fingerprint__ = lambda: ("labelled_batches", data, batch_size, augmented, seed)
+    extra = (zoom,) if zoom != 1 else ()                         # sources without a zoom keep their fingerprints
+    batch.__fingerprint__ = lambda: ("labelled_batches", data, batch_size, augmented, seed) + extra
     return batch
 
 # %% ../nbs/10_downstream.ipynb #d99884dc

@@ -19,8 +19,8 @@ from .train import GMConfig, fit_annotator, train_gradient_matching
 from .downstream import class_balance_weights, labelled_batches, train_segmenter
 
 # %% auto #0
-__all__ = ['RECIPES', 'RecipeConfig', 'default_recipe', 'recipe_name', 'pseudo_labels', 'keep_pretrained', 'RecipeResult',
-           'learn_annotator']
+__all__ = ['RECIPES', 'RecipeConfig', 'default_recipe', 'recipe_name', 'pseudo_labels', 'framing_zoom', 'keep_pretrained',
+           'RecipeResult', 'learn_annotator']
 
 # %% ../nbs/11_recipe.ipynb #11fa1210
 RECIPES: dict[str, dict] = {
@@ -43,6 +43,7 @@ class RecipeConfig(GMConfig):
     augment_labelled: bool = False    # augment the labelled batches of the matching target
     pretrain_keep: str | list = "all" # parameter groups kept after pre-training; the rest is re-drawn (Fig. C.5)
     pretrain_balance: float = 0.0     # class weights (pixel frequency)^-power in pre-training (0: plain cross-entropy)
+    match_framing: bool = False       # zoom the augmented target's faces to the generator's framing (`framing_zoom`)
 
     def matching(self) -> GMConfig:
         "The settings of stage 3, as the `GMConfig` that `train_gradient_matching` takes."
@@ -73,6 +74,22 @@ def pseudo_labels(generator: FeatureGenerator, segmenter: nn.Module, n_images: i
                    for i in range(0, n_images, batch_size)])
     return z, q
 
+# %% ../nbs/11_recipe.ipynb #d45d6b4d
+@torch.no_grad()
+def framing_zoom(generator: FeatureGenerator, annotator: nn.Module, labelled: LabelledImages, n_images: int = 256,
+                 seed: int = 0, batch_size: int = 32, limits: tuple[float, float] = (0.5, 2.0)) -> float:
+    "The zoom that gives `labelled`'s foreground the share of the pixels it has in `annotator`'s generated labels."
+    z = generator.latents(n_images, seed=step_seed(seed, 0, "framing"))
+    was_training = annotator.training
+    annotator.eval()
+    try: f_gen = torch.cat([(annotator(generator.sample(z=z[i:i+batch_size])[1]).argmax(1) != 0).flatten().cpu()
+                            for i in range(0, n_images, batch_size)]).float().mean()
+    finally: annotator.train(was_training)
+    known = labelled.masks != labelled.ignore_index
+    f_lab = ((labelled.masks != 0) & known).sum() / known.sum().clamp(min=1)
+    if f_lab == 0: raise ValueError("framing_zoom: the labelled masks have no foreground (every pixel is class 0)")
+    return float((f_gen / f_lab).sqrt().clamp(*limits))
+
 # %% ../nbs/11_recipe.ipynb #4ec1e002
 def keep_pretrained(segmenter: nn.Module, keep: str | list, seed: int) -> nn.Module:
     "Keep the parameters in groups `keep` (and their modules' buffers); re-draw the rest from `segmenter.fresh(seed)`."
@@ -94,11 +111,12 @@ class RecipeResult:
     config: RecipeConfig                 # the recipe that ran (the default one is device-dependent: see above)
     recipe: str                          # and its name (`recipe_name`)
     match_dir: Path | None = None
+    framing_zoom: float = 1.0            # the zoom of the matching target's labelled images (`match_framing`)
 
 # %% ../nbs/11_recipe.ipynb #aebe964b
 _STAGE_FIELDS = {"pretrain": ["pretrain_steps", "pretrain_batch_size", "pretrain_lr", "pretrain_keep",
                               "pretrain_balance", "seed", "precision"],
-                 "warm": ["warm_start_images", "warm_start_steps", "precision"]}
+                 "warm": ["warm_start_images", "warm_start_steps", "precision"], "match": ["match_framing"]}
 
 def _stage_keys(cfg: RecipeConfig, *things) -> tuple[str, str, str]:
     "Fingerprints of the three stages: each of what it depends on, the stages before it included."
@@ -106,7 +124,8 @@ def _stage_keys(cfg: RecipeConfig, *things) -> tuple[str, str, str]:
     stage = lambda name: {k: v for k, v in changes.items() if k in _STAGE_FIELDS[name]}
     key_pre = fingerprint(fingerprint(*things), stage("pretrain"))
     key_warm = fingerprint(key_pre, stage("warm"))
-    return key_pre, key_warm, fingerprint(key_warm, cfg.matching().changes(), cfg.augment_labelled)
+    own = [stage("match")] if stage("match") else []      # recipe-only matching settings, where set
+    return key_pre, key_warm, fingerprint(key_warm, cfg.matching().changes(), cfg.augment_labelled, *own)
 
 # %% ../nbs/11_recipe.ipynb #aebe964e
 def _pretrain(segmenter, labelled, cfg: RecipeConfig, val, pre_dir, device, progress) -> float:
@@ -136,6 +155,8 @@ def learn_annotator(generator: FeatureGenerator, annotator: nn.Module, segmenter
     device = default_device(device)
     check_classes(labelled=labelled, annotator=annotator, segmenter=segmenter, val=val)
     cfg = config or default_recipe(device)
+    if cfg.match_framing and not cfg.augment_labelled:
+        raise ValueError("learn_annotator: match_framing=True zooms the augmented target; set augment_labelled=True")
     name = recipe_name(cfg)
     if config is None:
         print(f"learn_annotator: no recipe given, so the {device.type} default, recipe {name!r}: "
@@ -165,11 +186,12 @@ def learn_annotator(generator: FeatureGenerator, annotator: nn.Module, segmenter
         if warm_path:
             save_checkpoint({"annotator": annotator.state_dict(), "segmenter": segmenter.state_dict(),
                              "minutes": minutes}, warm_path, "recipe_warm_start")
-    target = (labelled_batches(labelled, cfg.labelled_batch_size, seed=cfg.seed, device=device)
+    zoom = framing_zoom(generator, annotator, labelled, seed=cfg.seed) if cfg.match_framing else 1.0
+    target = (labelled_batches(labelled, cfg.labelled_batch_size, seed=cfg.seed, device=device, zoom=zoom)
               if cfg.augment_labelled else labelled)
     match_dir = cache / f"match-{key_match}" if cache and cfg.steps else None   # no matching, no folder
     res = train_gradient_matching(generator, annotator, segmenter, target, cfg.matching(), val=val,
                                   annotator_val=annotator_val, out_dir=match_dir, resume=match_dir is not None,
                                   device=device, progress=progress, callbacks=callbacks)
     minutes["match"] = max([r["time"] for r in res.history if "time" in r], default=0.0) / 60
-    return RecipeResult(res.annotator.eval(), res.segmenter, res.history, minutes, cfg, name, match_dir)
+    return RecipeResult(res.annotator.eval(), res.segmenter, res.history, minutes, cfg, name, match_dir, zoom)

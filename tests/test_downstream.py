@@ -164,3 +164,15 @@ def test_bf16_training_loss_stays_within_5_percent_of_fp32_and_is_a_setting_of_t
                         out_dir=tmp_path / "fp32", resume=True, progress=False)
     with pytest.raises(ValueError, match="precision must be 'fp32' or 'bf16', not 'half'"):
         train_segmenter(UNet(3, width=4), labelled_batches(data, 4, seed=0), 1, precision="half", progress=False)
+
+
+def test_zoom_shrinks_the_content_and_is_part_of_the_batches_fingerprint():
+    x, y = torch.zeros(2, 3, 16, 16), torch.ones(2, 16, 16, dtype=torch.long)
+    _, half = augment(x, y, torch.Generator().manual_seed(0), flip=False, scale=0, shift=0, jitter=0, zoom=0.5)
+    assert (half != 255).sum() == 2 * 8 * 8 and (half[:, 4:12, 4:12] == 1).all()
+    data = LabelledImages(torch.full((3, 3, 16, 16), -0.5), torch.ones(3, 16, 16, dtype=torch.long), 2)
+    plain, zoomed = labelled_batches(data, 2, seed=1), labelled_batches(data, 2, seed=1, zoom=0.7)
+    assert plain.__fingerprint__() == labelled_batches(data, 2, seed=1, zoom=1.0).__fingerprint__()
+    assert plain.__fingerprint__() != zoomed.__fingerprint__()
+    assert (zoomed(3)[1] == 255).sum() > (plain(3)[1] == 255).sum()
+    with pytest.raises(ValueError, match="augmented=True"): labelled_batches(data, 2, augmented=False, zoom=0.7)

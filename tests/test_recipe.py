@@ -148,3 +148,48 @@ def test_without_a_config_the_device_default_is_named_printed_and_recorded(tmp_p
                             RecipeConfig.preset("cpu", **{**SMALL, "steps": 3}),
                             device="cpu", progress=False)
     assert given.recipe == "cpu with steps=3" and capsys.readouterr().out == ""
+
+
+def test_match_framing_zooms_only_the_matching_target(tmp_path):
+    G, data, A, S = _setup()
+    cfg = RecipeConfig.preset("cpu", pretrain_steps=4, warm_start_images=8, warm_start_steps=3, steps=2, seed=2,
+                              eval_every=100)
+    plain = learn_annotator(G, A, S, data.subset(range(4)), cfg, cache_dir=tmp_path, progress=False)
+    _, _, A2, S2 = _setup()
+    framed = learn_annotator(G, A2, S2, data.subset(range(4)), cfg.replace(match_framing=True), cache_dir=tmp_path,
+                             progress=False)
+    assert plain.framing_zoom == 1.0 and 0.5 <= framed.framing_zoom <= 2.0
+    # stages 1-2 are shared, the matching is a run of its own
+    assert len(list(tmp_path.glob("warm-*.pt"))) == 1 and len(list(tmp_path.glob("match-*"))) == 2
+    with pytest.raises(ValueError, match="augment_labelled=True"):
+        learn_annotator(G, A2, S2, data.subset(range(4)), cfg.replace(match_framing=True, augment_labelled=False),
+                        progress=False)
+
+
+def test_recipes_without_a_framing_setting_keep_their_stage_names():
+    from lagm_nb.recipe import _stage_keys
+    cfg = RecipeConfig.preset("cpu")
+    key_pre, key_warm, key_match = _stage_keys(cfg, "the data")
+    assert key_match == fingerprint(key_warm, cfg.matching().changes(), cfg.augment_labelled)  # the formula of old
+    assert _stage_keys(cfg.replace(match_framing=True), "the data")[:2] == (key_pre, key_warm)
+
+
+def test_framing_zoom_is_the_root_of_the_foreground_shares():
+    from lagm_nb.recipe import framing_zoom
+    G = tiny_generator()
+    h, w = G.image_size
+
+    class Everywhere(nn.Module):               # labels every pixel of a generated image foreground
+        def forward(self, feats):
+            n = len(feats[0])
+            return torch.stack([torch.zeros(n, h, w), torch.ones(n, h, w)], 1)
+
+    masks = torch.zeros(2, h, w, dtype=torch.long)
+    masks[:, : h // 9] = 1                     # about a ninth of the labelled pixels
+    share = (masks != 0).float().mean().item()
+    labelled = LabelledImages(torch.full((2, 3, h, w), -0.5), masks, 2)
+    got = framing_zoom(G, Everywhere(), labelled, n_images=4, limits=(0.1, 10))
+    assert got == pytest.approx((1 / share) ** 0.5, rel=1e-5)
+    masks[:] = 255                              # every pixel ignored: no foreground to compare
+    with pytest.raises(ValueError, match="no foreground"):
+        framing_zoom(G, Everywhere(), LabelledImages(torch.full((2, 3, h, w), -0.5), masks, 2), n_images=4)

@@ -262,7 +262,8 @@ def learned_annotator(store: ResultStore, bench: Benchmark, cfg: RowSettings, re
         A, S = _networks(bench, G, cfg, seed)
         res = learn_annotator(G, A, S, labelled, rcfg, val=val, annotator_val=bench.annotator_val,
                               cache_dir=store.root / "stages")
-        result = {"minutes": sum(res.minutes.values()), "minutes_by_stage": res.minutes, "history": res.history}
+        result = {"minutes": sum(res.minutes.values()), "minutes_by_stage": res.minutes, "history": res.history,
+                  "framing_zoom": res.framing_zoom}
         return result, {"annotator": res.annotator.state_dict(), "segmenter": res.segmenter.state_dict()}
     name = recipe if isinstance(recipe, str) else "recipe"
     return store.cached("annotator", spec, compute, f"{name} annotator ({source}, {n} labels, seed {seed})")
