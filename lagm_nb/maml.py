@@ -83,7 +83,8 @@ def _start_maml_run(generator, annotator, segmenter, labelled, source, cfg: MAML
     opt_s = make_optimizer(segmenter.parameters(), "sgd", cfg.segmenter_lr, cfg.segmenter_momentum)
     data = {"generator": fingerprint(generator),
             "labelled": "batch source" if callable(labelled) else fingerprint(labelled), "labelled_batches": source}
-    run = RunDir(out_dir, "maml_run", {**cfg.to_dict(), **data}, _RESTARTABLE, defaults={"labelled_batches": source})
+    run = RunDir(out_dir, "maml_run", {**cfg.to_dict(), **data}, _RESTARTABLE,
+                 defaults={**type(cfg)().to_dict(), "labelled_batches": source})   # settings newer than a checkpoint
     state = run.start(resume, overwrite, map_location=device)
     if not state: return run, opt_a, opt_s, 0
     for net, key in [(annotator, "annotator"), (segmenter, "segmenter")]:

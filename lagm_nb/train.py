@@ -5,7 +5,7 @@ annotated generated images; and fitting an annotator directly to labels (Eq. 3).
 
 # %% ../nbs/09_train.ipynb #327a8342
 from __future__ import annotations
-import dataclasses, time
+import copy, dataclasses, time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import ClassVar
@@ -24,7 +24,7 @@ from .metrics import confusion_matrix, evaluate_segmenter, scores
 __all__ = ['PRESETS', 'PRECISIONS', 'SEGMENTER_STATES', 'GMConfig', 'evaluate_annotator', 'rank_share', 'labelled_batch',
            'generated_batch', 'precision_context', 'annotate', 'update_annotator', 'annotator_step', 'segmenter_step',
            'check_segmenter_state', 'update_segmenter', 'GMResult', 'make_optimizer', 'evaluate_run', 'check_labelled',
-           'run_settings', 'alternate', 'train_gradient_matching', 'fit_annotator']
+           'run_settings', 'weight_average', 'update_average', 'alternate', 'train_gradient_matching', 'fit_annotator']
 
 # %% ../nbs/09_train.ipynb #2f4cb78e
 PRESETS: dict[str, dict] = {"paper": {}}
@@ -51,6 +51,7 @@ class GMConfig(Config):
     eval_every: int = 4000
     checkpoint_every: int = 1000
     log_every: int = 10
+    annotator_ema: float = 0.0            # 0: the last weights; else the decay of the weight average that is returned
     seed: int = 0
     presets: ClassVar[dict[str, dict]] = PRESETS   # the named bundles `preset` knows (subclasses bring their own)
 
@@ -224,17 +225,38 @@ def _resume(state: dict | None, run: RunDir, annotator, segmenter, opt_a, opt_s)
     opt_a.load_state_dict(state["opt_annotator"]); opt_s.load_state_dict(state["opt_segmenter"])
     return state["step"]
 
+# %% ../nbs/09_train.ipynb #8f25b74e
+def weight_average(annotator: nn.Module, decay: float, state: dict | None = None) -> nn.Module | None:
+    "A frozen copy of `annotator` to average its weights into, restored from a checkpoint `state` (None: `decay` 0)."
+    if not decay: return None
+    if not 0 < decay < 1: raise ValueError(f"annotator_ema must be 0 (off) or in (0, 1), not {decay}")
+    average = copy.deepcopy(annotator).requires_grad_(False)
+    if state: load_state_dict_checked(average, state["annotator_average"], "annotator_average in the checkpoint")
+    return average
+
+@torch.no_grad()
+def update_average(average: nn.Module, annotator: nn.Module, decay: float):
+    "One step of the moving average: every weight of `average` moves to `annotator`'s by a share 1 - `decay`."
+    for a, w in zip(average.parameters(), annotator.parameters()): a.lerp_(w, 1 - decay)
+    for a, b in zip(average.buffers(), annotator.buffers()): a.copy_(b)
+
 # %% ../nbs/09_train.ipynb #71460a11
 def alternate(name: str, loss_key: str, annotator_update: Callable[[int], torch.Tensor], generator, annotator,
               segmenter, opt_a, opt_s, run: RunDir, start: int, cfg: GMConfig, val=None, annotator_val=None,
-              progress: bool = True, callbacks: Sequence[Callable] = ()) -> GMResult:
-    "Steps `start + 1`..`cfg.steps` of the annotator's update, then the segmenter's: the log, checks and checkpoints."
+              progress: bool = True, callbacks: Sequence[Callable] = (), average: nn.Module | None = None) -> GMResult:
+    """Steps `start + 1`..`cfg.steps` of the annotator's update, then the segmenter's: the log, checks and checkpoints.
+    With `cfg.annotator_ema`, `average` (from `weight_average`) follows the annotator, and is validated and returned."""
+    if cfg.annotator_ema and average is None:
+        raise ValueError(f"{name}: annotator_ema={cfg.annotator_ema} needs the caller's weight average (only "
+                         "train_gradient_matching keeps one); set annotator_ema=0")
+    shown = average if average is not None else annotator                           # what is validated and returned
     elapsed0, t0 = max([r["time"] for r in run.history if "time" in r], default=0.0), time.perf_counter()
     guard, networks = FiniteGuard(name, start), dict(generator=generator, annotator=annotator, segmenter=segmenter)
     bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, disable=not progress, desc=name)
     for t in bar:                                                                    # line 1
         torch.manual_seed(step_seed(cfg.seed, t, "torch"))
         loss = annotator_update(t)
+        if average is not None: update_average(average, annotator, cfg.annotator_ema)
         seg_loss = update_segmenter(generator, annotator, segmenter, opt_s, cfg, t)
         elapsed = elapsed0 + time.perf_counter() - t0
         guard.watch(loss, seg_loss)
@@ -247,13 +269,14 @@ def alternate(name: str, loss_key: str, annotator_update: Callable[[int], torch.
             notify(callbacks, "log", run.history[-1], **networks)
         evaluating = run.writes and (val is not None or annotator_val is not None)    # rank 0 validates
         if evaluating and (t % cfg.eval_every == 0 or t == cfg.steps):
-            run.record({"step": t, "time": elapsed, **evaluate_run(generator, annotator, segmenter, cfg, val,
+            run.record({"step": t, "time": elapsed, **evaluate_run(generator, shown, segmenter, cfg, val,
                                                                    annotator_val)})
-            notify(callbacks, "eval", run.history[-1], **networks)
+            notify(callbacks, "eval", run.history[-1], **{**networks, "annotator": shown})
         if t % cfg.checkpoint_every == 0 or t == cfg.steps:
             run.save({"step": t, "annotator": annotator.state_dict(), "segmenter": segmenter.state_dict(),
-                      "opt_annotator": opt_a.state_dict(), "opt_segmenter": opt_s.state_dict()})
-    return GMResult(annotator, segmenter, run.history, run.dir)
+                      "opt_annotator": opt_a.state_dict(), "opt_segmenter": opt_s.state_dict(),
+                      **({"annotator_average": average.state_dict()} if average is not None else {})})
+    return GMResult(shown, segmenter, run.history, run.dir)
 
 # %% ../nbs/09_train.ipynb #f9bb6208
 def train_gradient_matching(generator: FeatureGenerator, annotator: nn.Module, segmenter: nn.Module,
@@ -273,10 +296,12 @@ def train_gradient_matching(generator: FeatureGenerator, annotator: nn.Module, s
             "labelled": "batch source" if callable(labelled) else fingerprint(labelled), "labelled_batches": source}
     run = RunDir(out_dir, "gm_run", run_settings(cfg, data), _RESTARTABLE,
                  defaults={**type(cfg)().to_dict(), "labelled_batches": source})
-    start = _resume(run.start(resume, overwrite, map_location=device), run, annotator, segmenter, opt_a, opt_s)
+    state = run.start(resume, overwrite, map_location=device)
+    start = _resume(state, run, annotator, segmenter, opt_a, opt_s)
+    average = weight_average(annotator, cfg.annotator_ema, state)
     step = lambda t: annotator_step(gm, generator, annotator, opt_a, labelled, cfg, t, device)      # lines 2-7
     return alternate("gradient matching", "gm_loss", step, generator, annotator, segmenter, opt_a, opt_s, run, start,
-                     cfg, val, annotator_val, progress, callbacks)
+                     cfg, val, annotator_val, progress, callbacks, average)
 
 # %% ../nbs/09_train.ipynb #ea571014
 def _training_pixels(annotator: PixelMLPAnnotator, feats: list[torch.Tensor], labels: torch.Tensor) -> tuple:

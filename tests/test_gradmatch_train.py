@@ -270,3 +270,20 @@ def test_bf16_fit_annotator_loss_stays_within_5_percent_of_fp32(setup, kind):
     assert loss["bf16"] == pytest.approx(loss["fp32"], rel=0.05)
     with pytest.raises(ValueError, match="precision must be 'fp32' or 'bf16', not 'fp16'"):
         fit_annotator(G, fitted["fp32"], z, y, steps=1, precision="fp16", progress=False)
+
+
+def test_the_weight_average_is_returned_and_resumes_exactly(setup, tmp_path):
+    from lagm_nb.core import load_checkpoint
+    G, lab = setup
+    cfg = GMConfig(steps=6, checkpoint_every=3, eval_every=3, annotator_ema=0.5, annotator_optimizer="adam")
+    full = train_gradient_matching(G, *_nets(G), lab, cfg, out_dir=tmp_path / "full", progress=False)
+    live = load_checkpoint(tmp_path / "full" / "checkpoint.pt", "gm_run")
+    assert torch.equal(full.annotator.state_dict()["head.6.weight"], live["annotator_average"]["head.6.weight"])
+    assert not torch.equal(live["annotator"]["head.6.weight"], live["annotator_average"]["head.6.weight"])
+    train_gradient_matching(G, *_nets(G), lab, cfg.replace(steps=3), out_dir=tmp_path / "resumed", progress=False)
+    resumed = train_gradient_matching(G, *_nets(G, seed=1), lab, cfg, out_dir=tmp_path / "resumed", resume=True,
+                                      progress=False)
+    for a, b in zip(full.annotator.state_dict().values(), resumed.annotator.state_dict().values()):
+        assert torch.equal(a, b)
+    plain = train_gradient_matching(G, *_nets(G), lab, cfg.replace(annotator_ema=0.0), progress=False)
+    assert not torch.equal(plain.annotator.head[6].weight, full.annotator.head[6].weight)

@@ -209,3 +209,9 @@ def test_segmenter_states_work_as_in_algorithm_1(G, lab):
     assert all(torch.equal(v, drawn[k]) for k, v in S.state_dict().items())
     with pytest.raises(ValueError, match="segmenter_state must be one of"):
         train_maml(G, A, S, lab, cfg.replace(segmenter_state="frozen"), progress=False)
+
+
+def test_maml_refuses_a_weight_average_it_does_not_keep(G, lab):
+    A, S = FPNAnnotator(G.feature_shapes, 3, G.image_size, width=8), UNet(3, width=4)
+    with pytest.raises(ValueError, match="annotator_ema"):
+        train_maml(G, A, S, lab, MAMLConfig(steps=1, annotator_ema=0.9), progress=False)
