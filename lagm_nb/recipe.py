@@ -29,6 +29,7 @@ RECIPES: dict[str, dict] = {
     "cpu": dict(pretrain_steps=1000, warm_start_images=400, warm_start_steps=300, steps=600, match="head",
                 annotator_optimizer="adam", annotator_lr=1e-4, augment_labelled=True, labelled_batch_size=8),
 }
+RECIPES["cpu_foreign"] = {**RECIPES["cpu"], "match_framing": True}   # labelled images that are not the generator's
 
 @dataclasses.dataclass
 class RecipeConfig(GMConfig):
